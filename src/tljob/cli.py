@@ -1,0 +1,154 @@
+"""The `tljob` command: parse, validate, log, call one function per subcommand, map errors to exit codes.
+
+Modules that import TensorFlow are imported inside the subcommand functions, so that `--help`, config
+errors and `tljob manifests` answer in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from tljob import __version__
+from tljob.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, TljobError
+
+log = logging.getLogger("tljob")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tljob.config import load_config, to_yaml  # no TensorFlow: config errors come back fast
+
+    cfg = load_config(args.config, args.set)
+    if args.output:
+        cfg = dataclasses.replace(cfg, output=args.output)
+    if not cfg.output:
+        raise ConfigError("output: not set. Fix: pass --output DIR (or gs://bucket/prefix) or set `output:` in the YAML.")
+    log.info("final config:\n%s", to_yaml(cfg))
+    from tljob.train import run
+
+    return run(cfg)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tljob.data import convert_folder
+
+    report = convert_folder(args.input, args.output, shards=args.shards, image_size=args.image_size)
+    print(json.dumps(report))  # noqa: T201 - the command's result goes to stdout for scripts
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tljob.inference import predict
+
+    for row in predict(args.model, args.images):
+        print(json.dumps(row), flush=True)  # noqa: T201 - one JSON line per image is the interface
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tljob.inference import evaluate
+
+    metrics = evaluate(args.model, args.data, source=args.source, batch_size=args.batch_size)
+    print(json.dumps(metrics))  # noqa: T201 - the metrics are the command's output
+    return EXIT_OK
+
+
+def cmd_manifests(args: argparse.Namespace) -> int:
+    from tljob.manifests import render_to_dir
+
+    written = render_to_dir(
+        args.out_dir,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        image=args.image,
+        output=args.output,
+        namespace=args.namespace,
+        config_path=args.config,
+    )
+    log.info("wrote %d manifest files to %s", len(written), args.out_dir)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tljob.status import show_status
+
+    return show_status(args.run, k8s_job=args.k8s, namespace=args.namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tljob", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tljob {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run (or resume) the two-phase training job")
+    p.add_argument("--config", required=True, help="job YAML, e.g. job/dry_run.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--output", help="run directory: local path, file:// or gs://bucket/prefix")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="write sharded TFRecords from an image folder")
+    p.add_argument("--input", required=True, help="folder with one sub-folder per class (local or gs://)")
+    p.add_argument("--output", required=True, help="directory for the shards (local or gs://)")
+    p.add_argument("--shards", type=int, default=8, help="number of TFRecord shards (>= number of workers)")
+    p.add_argument("--image-size", type=int, default=None, help="resize to this square size before encoding")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("predict", help="classify images with an exported model; one JSON line each")
+    p.add_argument("--model", required=True, help="the run's model/ directory (local or gs://)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics of an exported model on labelled data")
+    p.add_argument("--model", required=True, help="the run's model/ directory (local or gs://)")
+    p.add_argument("--data", required=True, help="image folder (one sub-folder per class) or TFRecord dir")
+    p.add_argument("--source", choices=("folder", "tfrecord"), default="folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("manifests", help="render the Kubernetes manifests for a run")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--gpus-per-worker", type=int, default=1)
+    p.add_argument("--image", default=None, help="container image (tag@digest); default: the checked-in one")
+    p.add_argument("--output", default=None, help="gs:// run directory; default: the checked-in one")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--config", default=None, help="job YAML for the ConfigMap; default job/cats_vs_dogs.yaml")
+    p.add_argument("-o", "--out-dir", required=True, help="directory to write the YAML files to")
+    p.set_defaults(func=cmd_manifests)
+
+    p = sub.add_parser("status", help="phase, epoch, metrics and ETA of a run")
+    p.add_argument("run", help="run directory (local or gs://)")
+    p.add_argument("--k8s", metavar="JOB", default=None, help="also show the Kubernetes Job's and pods' state")
+    p.add_argument("--namespace", default="default")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except TljobError as exc:
+        log.error("%s (exit %d)", exc, exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

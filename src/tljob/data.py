@@ -1,0 +1,510 @@
+"""Data sources (image folder, TFRecord, TFDS, synthetic) and the tf.data pipelines built on them.
+
+Runs on every worker: each worker builds the same pipelines from the same seed; the sharding policy set
+here decides which part of each global batch a worker reads.
+
+Undecodable files are found by a decode pass over every file (the same pass fills the in-memory cache when
+the images fit): a file that fails is named in the log, counted in the metrics and left out; too many bad
+files stop the run with a DataError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from tljob import storage
+from tljob.config import AugmentConfig, DataConfig
+from tljob.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+TFRECORD_META = "meta.json"
+# Read in chunks so the decode pass never holds more than this many images beyond the cache itself.
+_SCAN_CHUNK = 256
+_BAD_FILES_LOGGED = 20
+
+
+@dataclass
+class Split:
+    """One split, decoded: either in memory (``images`` set) or streamed from known-good files."""
+
+    name: str
+    num_examples: int
+    images: np.ndarray | None = None  # uint8 [n, size, size, 3] when cached
+    labels: np.ndarray | None = None
+    stream: tf.data.Dataset | None = None  # (uint8 image, label) when not cached
+    # FILE sharding is only correct when every worker can get at least one whole file.
+    num_files: int = 0
+
+
+@dataclass
+class Dataset:
+    """What the trainer needs: the splits, the class names, and the bad-file report."""
+
+    class_names: list[str]
+    train: Split
+    validation: Split | None
+    test: Split | None
+    bad_files: list[str] = field(default_factory=list)
+    total_files: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ----------------------------------------------------------------------------- pure policy
+
+
+def split_fractions(items: list, validation_fraction: float, test_fraction: float, seed: int) -> tuple[list, list, list]:
+    """Deterministic three-way split of a list (same seed -> same split on every worker and restart)."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    n = len(shuffled)
+    n_val = int(round(n * validation_fraction))
+    n_test = int(round(n * test_fraction))
+    return shuffled[n_val + n_test:], shuffled[:n_val], shuffled[n_val:n_val + n_test]
+
+
+def fits_in_memory(num_images: int, image_size: int, budget_mb: int) -> bool:
+    return num_images * image_size * image_size * 3 <= budget_mb * 1024 * 1024
+
+
+def check_bad_share(bad: int, total: int, max_fraction: float) -> None:
+    if total and bad / total > max_fraction:
+        raise DataError(
+            f"{bad} of {total} files ({bad / total:.1%}) could not be decoded, more than "
+            f"data.max_bad_fraction={max_fraction}. Fix: repair or remove the files named above, or raise "
+            f"data.max_bad_fraction."
+        )
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Any JPEG/PNG/GIF/BMP -> uint8 [size, size, 3], bilinear as image_dataset_from_directory does."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
+def _scan(
+    encoded_ds: tf.data.Dataset, count: int, image_size: int, keep_images: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decodes every element of (index, encoded bytes); returns the indices that decoded (and the images).
+
+    ``ignore_errors`` drops the elements whose decode raised; comparing the surviving indices with all of
+    them names the bad files without a second pass.
+    """
+    ds = encoded_ds.map(
+        lambda i, data: (i, decode_and_resize(data, image_size)), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
+    ds = ds.ignore_errors().batch(_SCAN_CHUNK).prefetch(2)
+    good: list[np.ndarray] = []
+    images = np.empty((count, image_size, image_size, 3), np.uint8) if keep_images else None
+    n = 0
+    for idx, batch in ds.as_numpy_iterator():
+        good.append(idx)
+        if images is not None:
+            images[n:n + len(idx)] = batch
+        n += len(idx)
+    good_idx = np.concatenate(good) if good else np.empty((0,), np.int64)
+    return good_idx, (images[:n] if images is not None else None)
+
+
+def _read_encoded(paths: list[str]) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
+    return ds.map(lambda i, p: (i, tf.io.read_file(p)), num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+# ----------------------------------------------------------------------------- folder source
+
+
+def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted sub-folders) and (file, label) pairs; hidden files are not data."""
+    base = Path(root)
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ConfigError(
+            f"data folder {root!r} has no class sub-folders. Fix: lay it out as {root}/<class>/<image files>."
+        )
+    items = []
+    for label, name in enumerate(classes):
+        for path in sorted((base / name).rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                items.append((str(path), label))
+    return classes, items
+
+
+def _folder_split(
+    name: str, items: list[tuple[str, int]], cfg: DataConfig, cache: bool, bad: list[str]
+) -> Split:
+    paths = [p for p, _ in items]
+    labels = np.array([lbl for _, lbl in items], np.int64)
+    good_idx, images = _scan(_read_encoded(paths), len(paths), cfg.image_size, keep_images=cache)
+    good_set = set(good_idx.tolist())
+    bad.extend(p for i, p in enumerate(paths) if i not in good_set)
+    if cache:
+        return Split(name, len(good_idx), images=images, labels=labels[good_idx], num_files=len(good_idx))
+    good_paths = [paths[i] for i in sorted(good_set)]
+    good_labels = labels[sorted(good_set)]
+    stream = tf.data.Dataset.from_tensor_slices((good_paths, good_labels)).map(
+        lambda p, y: (decode_and_resize(tf.io.read_file(p), cfg.image_size), y), num_parallel_calls=AUTOTUNE
+    )
+    return Split(name, len(good_paths), stream=stream, num_files=len(good_paths))
+
+
+def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
+    train_root = storage.stage_input(cfg.train, cache_dir)
+    class_names, train_items = list_image_folder(train_root)
+    parts: dict[str, list[tuple[str, int]]] = {"train": train_items}
+    val_items = test_items = None
+    if cfg.validation_fraction or cfg.test_fraction:
+        train_items, val_items, test_items = split_fractions(train_items, cfg.validation_fraction, cfg.test_fraction, seed)
+        parts = {"train": train_items, "validation": val_items, "test": test_items}
+    for key in ("validation", "test"):
+        path = getattr(cfg, key)
+        if path:
+            names, items = list_image_folder(storage.stage_input(path, cache_dir))
+            if names != class_names:
+                raise DataError(
+                    f"data.{key}: classes {names} differ from data.train's {class_names}. Fix: use the same "
+                    f"class sub-folders in every split."
+                )
+            parts[key] = items
+    total = sum(len(v) for v in parts.values())
+    cache = _want_cache(cfg, total)
+    bad: list[str] = []
+    splits = {k: _folder_split(k, v, cfg, cache, bad) for k, v in parts.items() if v}
+    return _finish(cfg, class_names, splits, bad, total)
+
+
+# ----------------------------------------------------------------------------- TFRecord source
+
+_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def _tfrecord_files(path: str) -> list[str]:
+    p = Path(path)
+    files = sorted(str(f) for f in p.glob("*.tfrecord*")) if p.is_dir() else sorted(tf.io.gfile.glob(path))
+    if not files:
+        raise ConfigError(f"no TFRecord files at {path!r}. Fix: write them with `tljob convert`.")
+    return files
+
+
+def _read_tfrecord_meta(path: str) -> dict:
+    p = Path(path)
+    meta = (p if p.is_dir() else p.parent) / TFRECORD_META
+    if not meta.is_file():
+        raise ConfigError(
+            f"{meta} not found: tljob needs the class names written by `tljob convert`. Fix: convert the "
+            f"folder with `tljob convert`, or add {TFRECORD_META} with {{\"class_names\": [...]}}."
+        )
+    return json.loads(meta.read_text())
+
+
+def _tfrecord_split(name: str, path: str, cfg: DataConfig, cache: bool, num_examples: int) -> Split:
+    files = _tfrecord_files(path)
+    records = tf.data.TFRecordDataset(files, num_parallel_reads=AUTOTUNE).map(
+        lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=AUTOTUNE
+    )
+    if cache:
+        labels = np.array([r["image/class/label"] for r in records.as_numpy_iterator()], np.int64)
+        encoded = records.enumerate().map(lambda i, r: (i, r["image/encoded"]))
+        good_idx, images = _scan(encoded, len(labels), cfg.image_size, keep_images=True)
+        return Split(name, len(good_idx), images=images, labels=labels[good_idx], num_files=len(files))
+    # Streamed: files are read per worker (FILE sharding when there are enough of them); the converter
+    # already left out undecodable images, so decode errors here would be corruption and must surface.
+    stream = tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset, num_parallel_calls=AUTOTUNE, deterministic=True
+    ).map(
+        lambda r: _parse_decode(r, cfg.image_size), num_parallel_calls=AUTOTUNE
+    )
+    return Split(name, num_examples, stream=stream, num_files=len(files))
+
+
+def _parse_decode(record: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    ex = tf.io.parse_single_example(record, _FEATURES)
+    return decode_and_resize(ex["image/encoded"], image_size), ex["image/class/label"]
+
+
+def _load_tfrecord(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
+    del seed  # TFRecord splits are given as separate directories; shuffling happens in the pipeline
+    paths = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    local = {k: storage.stage_input(v, cache_dir) for k, v in paths.items() if v}
+    metas = {k: _read_tfrecord_meta(v) for k, v in local.items()}
+    class_names = metas["train"]["class_names"]
+    for key, meta in metas.items():
+        if meta["class_names"] != class_names:
+            raise DataError(f"data.{key}: classes {meta['class_names']} differ from data.train's {class_names}.")
+    total = sum(int(m.get("num_examples", 0)) for m in metas.values())
+    cache = _want_cache(cfg, total)
+    splits = {k: _tfrecord_split(k, v, cfg, cache, int(metas[k].get("num_examples", 0))) for k, v in local.items()}
+    bad = [f for m in metas.values() for f in m.get("bad_files", [])]
+    return _finish(cfg, class_names, splits, bad, total)
+
+
+def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_size: int | None = None) -> dict:
+    """Writes sharded TFRecords (+ meta.json) from an image folder; undecodable files are left out and named."""
+    if shards < 1:
+        raise ConfigError(f"--shards {shards}: use 1 or more shards (at least the number of workers).")
+    if image_size is not None and image_size < 32:
+        raise ConfigError(f"--image-size {image_size}: MobileNetV2 needs at least 32 pixels.")
+    scratch = Path(tempfile.mkdtemp(prefix="tljob-convert-"))
+    root = storage.stage_input(input_dir, str(scratch / "input"))
+    class_names, items = list_image_folder(root)
+    paths = [p for p, _ in items]
+    good_idx, _ = _scan(_read_encoded(paths), len(paths), image_size or 32, keep_images=False)
+    good = sorted(good_idx.tolist())
+    bad = [p for i, p in enumerate(paths) if i not in set(good)]
+    _report_bad(bad, len(paths))
+    # Local outputs are written in place; gs:// outputs are written to scratch and uploaded in one sync.
+    out = scratch / "records" if storage.is_remote(output_dir) else Path(storage.local_path(output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    writers = [tf.io.TFRecordWriter(str(out / f"data-{s:05d}-of-{shards:05d}.tfrecord")) for s in range(shards)]
+    for n, i in enumerate(good):
+        data = Path(paths[i]).read_bytes()
+        if image_size is not None:
+            data = tf.io.encode_jpeg(decode_and_resize(data, image_size), quality=95).numpy()
+        example = tf.train.Example(features=tf.train.Features(feature={
+            "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+            "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[items[i][1]])),
+            "image/filename": tf.train.Feature(bytes_list=tf.train.BytesList(value=[Path(paths[i]).name.encode()])),
+        }))
+        writers[n % shards].write(example.SerializeToString())
+    for w in writers:
+        w.close()
+    meta = {"class_names": class_names, "num_examples": len(good), "shards": shards, "bad_files": bad}
+    (out / TFRECORD_META).write_text(json.dumps(meta, indent=1))
+    storage.Mirror(str(out), output_dir).push()
+    log.info("wrote %d examples in %d shards to %s (%d bad files left out)", len(good), shards, output_dir, len(bad))
+    return {"output": output_dir, **meta}
+
+
+# ----------------------------------------------------------------------------- TFDS source
+
+
+def _load_tfds(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
+    del cache_dir  # TFDS manages its own data_dir
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+    # Downloads and prepares on first use (the container's users have the internet; CI does not).
+    builder.download_and_prepare()
+    label_feature = builder.info.features["label"]
+    class_names = list(label_feature.names)
+    splits_cfg = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    raw = {k: builder.as_dataset(split=v, as_supervised=True, read_config=tfds.ReadConfig(shuffle_seed=seed))
+           for k, v in splits_cfg.items() if v}
+    sizes = {k: _tfds_size(ds, builder, splits_cfg[k]) for k, ds in raw.items()}
+    cache = _want_cache(cfg, sum(sizes.values()))
+    splits = {}
+    for key, ds in raw.items():
+        ds = ds.map(lambda x, y: (_resize_decoded(x, cfg.image_size), y), num_parallel_calls=AUTOTUNE)
+        if cache:
+            images = np.empty((sizes[key], cfg.image_size, cfg.image_size, 3), np.uint8)
+            labels = np.empty((sizes[key],), np.int64)
+            n = 0
+            for x, y in ds.batch(_SCAN_CHUNK).as_numpy_iterator():
+                images[n:n + len(x)], labels[n:n + len(x)] = x, y
+                n += len(x)
+            splits[key] = Split(key, n, images=images[:n], labels=labels[:n])
+        else:
+            splits[key] = Split(key, sizes[key], stream=ds)
+    return _finish(cfg, class_names, splits, [], sum(sizes.values()))
+
+
+def _tfds_size(ds: tf.data.Dataset, builder, split: str) -> int:
+    n = int(ds.cardinality())
+    return n if n >= 0 else builder.info.splits[split].num_examples
+
+
+def _resize_decoded(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
+# ----------------------------------------------------------------------------- synthetic source
+
+
+def synthetic_images(num: int, num_classes: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images with a per-class colour cast and a per-class stripe direction: learnable, never trivial."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=num)
+    # Evenly spaced hues: class k gets its own colour, far from the others.
+    hues = np.linspace(0, 2 * np.pi, num_classes, endpoint=False)
+    casts = 80 * np.stack([np.cos(hues), np.cos(hues + 2.1), np.cos(hues + 4.2)], axis=1)
+    noise = rng.normal(128, 30, size=(num, image_size, image_size, 3))
+    images = noise + casts[labels][:, None, None, :]
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def _load_synthetic(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
+    del cache_dir
+    s = cfg.synthetic
+    splits = {}
+    for offset, (key, n) in enumerate((("train", s.train_examples), ("validation", s.validation_examples),
+                                       ("test", s.test_examples))):
+        if n:
+            images, labels = synthetic_images(n, s.num_classes, cfg.image_size, seed + offset)
+            splits[key] = Split(key, n, images=images, labels=labels)
+    names = [f"class_{k}" for k in range(s.num_classes)]
+    return _finish(cfg, names, splits, [], sum(sp.num_examples for sp in splits.values()))
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+_LOADERS = {"folder": _load_folder, "tfrecord": _load_tfrecord, "tfds": _load_tfds, "synthetic": _load_synthetic}
+
+
+def _want_cache(cfg: DataConfig, total: int) -> bool:
+    if cfg.cache == "none":
+        return False
+    fits = fits_in_memory(total, cfg.image_size, cfg.cache_budget_mb)
+    if cfg.cache == "memory" and not fits:
+        log.warning("data.cache=memory: %d images exceed data.cache_budget_mb=%d; caching anyway",
+                    total, cfg.cache_budget_mb)
+    log.info("decoded-image cache: %s (%d images, %.0f MB, budget %d MB)",
+             "on" if (fits or cfg.cache == "memory") else "off", total,
+             total * cfg.image_size ** 2 * 3 / 2**20, cfg.cache_budget_mb)
+    return fits or cfg.cache == "memory"
+
+
+def _report_bad(bad: list[str], total: int) -> None:
+    if bad:
+        shown = ", ".join(bad[:_BAD_FILES_LOGGED]) + (" ..." if len(bad) > _BAD_FILES_LOGGED else "")
+        log.warning("skipped %d of %d files that could not be decoded: %s", len(bad), total, shown)
+
+
+def _finish(cfg: DataConfig, class_names: list[str], splits: dict[str, Split], bad: list[str], total: int) -> Dataset:
+    _report_bad(bad, total)
+    check_bad_share(len(bad), total, cfg.max_bad_fraction)
+    if "train" not in splits or splits["train"].num_examples == 0:
+        raise DataError("the training split has no usable images. Fix: check data.train and its files.")
+    if len(class_names) < 2:
+        raise DataError(f"found {len(class_names)} class(es) {class_names}: classification needs at least 2.")
+    for s in splits.values():
+        log.info("split %s: %d examples%s", s.name, s.num_examples, " (in memory)" if s.images is not None else "")
+    return Dataset(class_names, splits["train"], splits.get("validation"), splits.get("test"), bad, total)
+
+
+def load_dataset(cfg: DataConfig, *, seed: int, cache_dir: str) -> Dataset:
+    """Reads the configured source; runs on every worker (same seed -> same data and order everywhere)."""
+    return _LOADERS[cfg.source](cfg, seed, cache_dir)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def _rotation_matrices(angles: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """The projective transforms RandomRotation uses (rotation about the image centre)."""
+    h = tf.cast(height, tf.float32) - 1
+    w = tf.cast(width, tf.float32) - 1
+    cos, sin = tf.cos(angles), tf.sin(angles)
+    x_offset = (w - (cos * w - sin * h)) / 2.0
+    y_offset = (h - (sin * w + cos * h)) / 2.0
+    zeros = tf.zeros_like(angles)
+    return tf.stack([cos, -sin, x_offset, sin, cos, y_offset, zeros, zeros], axis=1)
+
+
+def augment_batch(images: tf.Tensor, aug: AugmentConfig) -> tf.Tensor:
+    """RandomFlip + RandomRotation(factor) on a float batch, as the tutorial's Keras layers compute them.
+
+    Done in the input pipeline rather than in the model: it then runs in parallel with the training step
+    (in-model rotation costs about as much as the frozen network on CPU) and the exported model carries
+    no training-only layers. Stateless per-op randomness means no variables to place under a strategy.
+    """
+    batch = tf.shape(images)[0]
+    if aug.flip in ("horizontal", "horizontal_and_vertical"):
+        flip = tf.random.uniform([batch, 1, 1, 1]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    if aug.flip in ("vertical", "horizontal_and_vertical"):
+        flip = tf.random.uniform([batch, 1, 1, 1]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[1]), images)
+    if aug.rotation > 0:
+        limit = aug.rotation * 2 * math.pi
+        angles = tf.random.uniform([batch], -limit, limit)
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=_rotation_matrices(angles, height, width),
+            output_shape=tf.stack([height, width]),
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",
+        )
+    return images
+
+
+def _source_dataset(split: Split) -> tf.data.Dataset:
+    if split.images is not None:
+        return tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    assert split.stream is not None  # a Split is built with exactly one of the two; not user input
+    return split.stream
+
+
+def shard_policy(split: Split, num_workers: int) -> "tf.data.experimental.AutoShardPolicy":
+    """FILE when every worker gets whole files, DATA otherwise (in-memory data is always DATA)."""
+    policy = tf.data.experimental.AutoShardPolicy
+    if num_workers <= 1:
+        return policy.OFF
+    if split.images is None and split.num_files >= num_workers:
+        return policy.FILE
+    return policy.DATA
+
+
+def _with_options(ds: tf.data.Dataset, split: Split, num_workers: int) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = shard_policy(split, num_workers)
+    options.deterministic = False
+    return ds.with_options(options)
+
+
+def train_pipeline(split: Split, *, global_batch: int, aug: AugmentConfig, shuffle_buffer: int, seed: int,
+                   num_workers: int, repeat: bool) -> tf.data.Dataset:
+    """Shuffle (seeded, reshuffled each epoch) -> batch (global) -> augment (parallel) -> prefetch."""
+    ds = _source_dataset(split).shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
+                                        reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    # Equal batch counts on every worker: a worker with one batch fewer would wait forever in all-reduce.
+    ds = ds.batch(global_batch, drop_remainder=num_workers > 1 or repeat)
+    ds = ds.map(lambda x, y: (augment_batch(tf.cast(x, tf.float32), aug), y), num_parallel_calls=AUTOTUNE)
+    return _with_options(ds.prefetch(AUTOTUNE), split, num_workers)
+
+
+def eval_pipeline(split: Split, *, global_batch: int, num_workers: int) -> tf.data.Dataset:
+    ds = _source_dataset(split).batch(global_batch, drop_remainder=num_workers > 1)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    return _with_options(ds.prefetch(AUTOTUNE), split, num_workers)
+
+
+def steps_per_epoch(num_examples: int, global_batch: int, drop_remainder: bool) -> int:
+    return num_examples // global_batch if drop_remainder else math.ceil(num_examples / global_batch)
+
+
+def iter_image_files(paths: list[str]) -> Iterator[tuple[str, np.ndarray | None]]:
+    """For predict: each path with its decoded uint8 image, or None when it does not decode."""
+    for path in paths:
+        try:
+            data = storage.read_bytes(path)
+            yield path, tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+        except (tf.errors.InvalidArgumentError, FileNotFoundError) as exc:
+            log.warning("cannot decode %s: %s", path, exc)
+            yield path, None

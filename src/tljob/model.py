@@ -1,0 +1,141 @@
+"""MobileNetV2 base + the tutorial's head, weights loading, and the fine-tuning unfreeze.
+
+Every function that creates variables is called inside ``strategy.scope()`` by the trainer, in both
+phases (the model, and each phase's optimizer through ``compile``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tljob import storage
+from tljob.config import ModelConfig, PhaseConfig
+from tljob.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+def head_units(num_classes: int) -> int:
+    """One sigmoid unit for two classes (the tutorial's head), one softmax unit per class otherwise."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def trainable_base_layers(depth: int, fine_tune_at: int) -> int:
+    """How many base layers the fine-tuning phase trains (pure: the test compares it with the model)."""
+    return max(depth - fine_tune_at, 0)
+
+
+def resolve_weights(weights: str, cache_dir: str) -> str | None:
+    """imagenet -> Keras' own file (downloaded once, or baked into the image); none -> random; else a local .h5."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    return storage.stage_input(weights, cache_dir)
+
+
+def build_model(cfg: ModelConfig, *, image_size: int, num_classes: int, cache_dir: str) -> tf.keras.Model:
+    """Input (float 0..255) -> preprocess -> MobileNetV2 (training=False) -> GAP -> Dropout -> Dense."""
+    weights = resolve_weights(cfg.weights, cache_dir)
+    try:
+        base = tf.keras.applications.MobileNetV2(
+            input_shape=(image_size, image_size, 3), include_top=False, weights=weights, alpha=cfg.alpha
+        )
+    except (ValueError, OSError) as exc:
+        raise ConfigError(
+            f"model.weights={cfg.weights!r} with alpha={cfg.alpha}, image_size={image_size}: {exc}. Fix: give "
+            f"a Keras MobileNetV2 include_top=False .h5 file for this alpha, or use imagenet / none."
+        ) from exc
+    base.trainable = False
+    inputs = tf.keras.Input(shape=(image_size, image_size, 3), name="image")
+    # mobilenet_v2.preprocess_input is x / 127.5 - 1; a Rescaling layer computes the same and serialises
+    # cleanly, so the exported model takes raw 0..255 pixels.
+    x = tf.keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    # training=False keeps BatchNorm in inference mode in both phases: its statistics stay ImageNet's even
+    # when the layers are unfrozen (otherwise fine-tuning wrecks what the base learned).
+    x = base(x, training=False)
+    x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = tf.keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    units = head_units(num_classes)
+    outputs = tf.keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax", name="classifier")(x)
+    return tf.keras.Model(inputs, outputs, name="tljob_mobilenetv2")
+
+
+def calibrate_batchnorm(model: tf.keras.Model, images: np.ndarray) -> None:
+    """Sets the base's BatchNorm statistics from a sample of training images.
+
+    For `weights: none` only: with a random base, inference-mode BatchNorm (mean 0, variance 1) lets the
+    activations shrink by orders of magnitude per block, and the head sees constant features. One
+    training-mode pass with momentum 0 makes each layer's moving statistics those of the sample, so
+    the random features carry the input's signal. Every worker computes the same values (same data).
+    """
+    base = get_base(model)
+    layers = [layer for layer in base.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    x = model.get_layer("preprocess")(tf.constant(images, tf.float32))
+    # A frozen BatchNorm layer runs in inference mode whatever `training` says: unfreeze for this one pass.
+    was_trainable = base.trainable
+    base.trainable = True
+    base(x, training=True)
+    base.trainable = was_trainable
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    log.info("weights: none -> BatchNorm statistics of %d base layers set from %d training images",
+             len(layers), len(images))
+
+
+def get_base(model: tf.keras.Model) -> tf.keras.Model:
+    """The MobileNetV2 base: the one nested model among the layers."""
+    return next(layer for layer in model.layers if isinstance(layer, tf.keras.Model))
+
+
+def unfreeze_from(model: tf.keras.Model, fine_tune_at: int) -> int:
+    """Makes base layers [fine_tune_at:] trainable; returns how many base layers are now trainable."""
+    base = get_base(model)
+    base.trainable = True
+    for layer in base.layers[:fine_tune_at]:
+        layer.trainable = False
+    trainable = sum(1 for layer in base.layers if layer.trainable)
+    log.info("fine-tuning: %d of %d base layers trainable (from index %d)", trainable, len(base.layers), fine_tune_at)
+    return trainable
+
+
+def make_optimizer(phase: PhaseConfig, learning_rate: float) -> tf.keras.optimizers.Optimizer:
+    if phase.optimizer == "adam":
+        return tf.keras.optimizers.Adam(learning_rate)
+    if phase.optimizer == "rmsprop":
+        return tf.keras.optimizers.RMSprop(learning_rate)
+    return tf.keras.optimizers.SGD(learning_rate, momentum=0.9)
+
+
+def loss_and_metrics(num_classes: int) -> tuple[tf.keras.losses.Loss, list]:
+    """Binary cross-entropy on a sigmoid (two classes, as the tutorial) or sparse categorical otherwise."""
+    if head_units(num_classes) == 1:
+        return tf.keras.losses.BinaryCrossentropy(), [tf.keras.metrics.BinaryAccuracy(name="accuracy")]
+    return tf.keras.losses.SparseCategoricalCrossentropy(), [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+
+def compile_for_phase(model: tf.keras.Model, phase: PhaseConfig, learning_rate: float, num_classes: int,
+                      steps_per_execution: int = 1) -> None:
+    """Compiles (again) for a phase; Keras only sees a change of `trainable` after a recompile."""
+    loss, metrics = loss_and_metrics(num_classes)
+    model.compile(optimizer=make_optimizer(phase, learning_rate), loss=loss, metrics=metrics,
+                  steps_per_execution=steps_per_execution)
+
+
+def load_exported(model_dir: str) -> tf.keras.Model:
+    """Loads `model/model.keras` from a run (local or gs://)."""
+    path = storage.join(model_dir, "model.keras")
+    if not storage.exists(path):
+        raise ConfigError(f"--model {model_dir}: no model.keras inside. Fix: point at a finished run's model/ directory.")
+    if storage.is_remote(path):
+        local = Path(tempfile.mkdtemp(prefix="tljob-model-")) / "model.keras"
+        local.write_bytes(storage.read_bytes(path))
+        path = str(local)
+    return tf.keras.models.load_model(path)

@@ -1,0 +1,448 @@
+"""What a run is: the two phases, their callbacks, resume, and publishing the result.
+
+Runs on every worker. All workers execute the same program (the collectives need it); only the chief
+writes the run's files. Non-chief workers write what the collectives force them to write (backups,
+exports) into temporary directories that are removed again.
+
+Run directory (staged locally; `output` may be gs://, mirrored from the staging directory):
+  backup/<phase>/                  BackupAndRestore state while a phase runs (removed when it completes)
+  checkpoints/<phase>.weights.h5   weights at the end of each finished phase
+  state.json                       which phases are finished
+  history.json, status.json, logs/ (TensorBoard) during the run; at the end model/, metrics.json,
+  curves.png, metadata.json, params.yaml, and _SUCCESS last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tljob import cluster, data, export, faults, model as model_lib, storage
+from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
+from tljob.errors import EXIT_OK, DataError, RetryableError
+
+log = logging.getLogger(__name__)
+
+PHASES = ("feature_extraction", "fine_tuning")
+STATE = "state.json"
+BACKUP = "backup"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """Facts fixed for the whole run, computed once on every worker and passed down."""
+
+    cfg: JobConfig
+    spec: cluster.ClusterSpec
+    replicas: int
+    global_batch: int
+    staging: Path  # local directory mirrored to cfg.output
+    is_chief: bool
+
+
+# ----------------------------------------------------------------------------- pure policy
+
+
+def phase_epochs(cfg: JobConfig) -> dict[str, tuple[int, int]]:
+    """(initial_epoch, end_epoch) per phase; fine-tuning continues the epoch count."""
+    p1 = cfg.train.feature_extraction.epochs
+    return {"feature_extraction": (0, p1), "fine_tuning": (p1, p1 + cfg.train.fine_tuning.epochs)}
+
+
+def staging_dir(output: str, staging_root: str | None) -> Path:
+    """Local outputs are written in place; remote ones are staged on local disk (an emptyDir in Kubernetes)."""
+    if not storage.is_remote(output):
+        return Path(output.removeprefix("file://")).resolve()
+    root = Path(staging_root or tempfile.gettempdir())
+    # One stable directory per output URI, so a container restarted on the same node reuses it.
+    name = "".join(ch if ch.isalnum() else "_" for ch in output.removeprefix("gs://"))
+    return root / "tljob-staging" / name
+
+
+def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
+    """Drops records of epochs that are about to run again (1-based `epoch` > 0-based `first_epoch`)."""
+    return [h for h in history if h["epoch"] <= first_epoch]
+
+
+def eta_seconds(history: list[dict], total_epochs: int) -> float:
+    done = [h for h in history if "seconds" in h]
+    if not done:
+        return 0.0
+    return sum(h["seconds"] for h in done[-3:]) / len(done[-3:]) * max(total_epochs - history[-1]["epoch"], 0)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def run(cfg: JobConfig) -> int:
+    """Trains, resumes, or recognises as finished the run described by `cfg`; returns the exit code."""
+    if cfg.output is None:
+        raise ValueError("run() needs cfg.output; cli.py sets it")  # programming error, not user input
+    spec = cluster.resolve_cluster(os.environ)
+    log.info("cluster: %s", spec.describe())
+    storage.preflight(cfg.output)
+    if storage.is_finished(cfg.output):
+        log.info("run %s is already finished (_SUCCESS exists): not retraining", cfg.output)
+        return EXIT_OK
+    cluster.apply_cluster_env(spec, os.environ)
+    # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
+    strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
+                                       cfg.runtime.collective_timeout_s)
+    replicas = cluster.num_replicas(strategy)
+    ctx = RunContext(
+        cfg=cfg,
+        spec=spec,
+        replicas=replicas,
+        global_batch=cluster.global_batch_size(cfg.data.batch_size, replicas),
+        staging=staging_dir(cfg.output, cfg.runtime.staging_dir),
+        is_chief=cluster.is_chief(strategy),
+    )
+    log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
+             spec.task_type, spec.task_index, spec.num_workers, replicas, ctx.is_chief, ctx.global_batch,
+             ctx.staging)
+    return Trainer(ctx, strategy).run()
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+class RunBackup(tf.keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that also backs up at epoch end with step bookkeeping, on demand (SIGTERM),
+    and hands every saved backup to `on_saved` (the chief uploads it to the bucket).
+
+    Keras only resumes mid-epoch when `save_freq` is an int, so the parent always gets an int (never
+    reached when no step backups are wanted) and epoch-end backups are made here.
+    """
+
+    _NEVER = 2**62
+
+    def __init__(self, backup_dir: str, every_steps: int | None, on_saved: Any):
+        super().__init__(backup_dir, save_freq=every_steps or self._NEVER, delete_checkpoint=True)
+        self._on_saved = on_saved
+
+    def _backup(self, epoch: int, batch: int = 0) -> None:
+        super()._backup(epoch=epoch, batch=batch)
+        self._on_saved()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        # _ckpt_saved_batch holds the epoch's last step here, so a restore starts the next epoch.
+        self._backup(epoch=epoch)
+
+    def backup_now(self) -> None:
+        """Saves at the current step (on_train_batch_begin recorded it); a restore continues with the next."""
+        self._backup(epoch=self._current_epoch)
+
+
+class Progress(tf.keras.callbacks.Callback):
+    """Per-epoch bookkeeping on every worker; the chief logs, records history and status, and syncs."""
+
+    def __init__(self, trainer: "Trainer", phase: str, steps: int):
+        super().__init__()
+        self.t = trainer
+        self.phase = phase
+        self.steps = steps
+        self._epoch_start = 0.0
+        self._train_seconds = 0.0
+        self._first = True
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        # Validation runs inside the epoch; images per second counts training steps only.
+        self._train_seconds = time.perf_counter() - self._epoch_start
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._first:
+            # The first epoch of this attempt: anything recorded for it or later is being redone.
+            self._first = False
+            self.t.history = trim_history(self.t.history, epoch)
+            self.t.attempt_first_epochs[self.phase] = epoch + 1
+        self._epoch_start = time.perf_counter()
+        self._train_seconds = 0.0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        train_seconds = self._train_seconds or seconds
+        record = {"epoch": epoch + 1, "phase": self.phase}
+        record.update({k: float(v) for k, v in (logs or {}).items()})
+        record.update(seconds=round(seconds, 3),
+                      images_per_second=round(self.steps * self.t.ctx.global_batch / train_seconds, 1),
+                      global_batch_size=self.t.ctx.global_batch, replicas=self.t.ctx.replicas,
+                      num_workers=self.t.ctx.spec.num_workers, attempt=self.t.attempt)
+        self.t.history.append(record)
+        self.t.on_epoch_recorded(record)
+
+
+class FileSync(tf.keras.callbacks.Callback):
+    """Chief only: uploads TensorBoard logs at most every `every_s` seconds (gs:// outputs)."""
+
+    def __init__(self, mirror: storage.Mirror, every_s: float):
+        super().__init__()
+        self.mirror = mirror
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self.mirror.push(LOGS)
+            self._last = time.monotonic()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One attempt at a run, on one worker."""
+
+    def __init__(self, ctx: RunContext, strategy: tf.distribute.Strategy):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.strategy = strategy
+        self.mirror = storage.Mirror(str(ctx.staging), self.cfg.output)
+        self.history: list[dict] = []
+        self.attempt = 1
+        self.attempt_first_epochs: dict[str, int] = {}
+        self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.ends = phase_epochs(self.cfg)
+        self.total_epochs = self.ends["fine_tuning"][1]
+        self.watchdog = faults.Watchdog(self.cfg.runtime.peer_timeout_s)
+        self.termination = faults.GracefulTermination(self.cfg.runtime.termination_grace_s)
+        # Multi-worker: every worker must agree to stop at the same step (a lone backup would deadlock).
+        self.agree = cluster.make_any_worker(strategy)
+
+    # -- files
+
+    def _path(self, *parts: str) -> Path:
+        return self.ctx.staging.joinpath(*parts)
+
+    def _write_dir(self, *parts: str) -> Path:
+        """Where this worker writes what every worker must write (the chief's path, or a temp one)."""
+        return Path(cluster.worker_write_dir(str(self._path(*parts)), self.strategy))
+
+    def _cleanup_worker_dir(self, written: Path, *parts: str) -> None:
+        if written != self._path(*parts) and written.exists():
+            shutil.rmtree(written)
+
+    def _push_backup(self) -> None:
+        if self.ctx.is_chief:
+            self.mirror.push(BACKUP)
+
+    # -- state
+
+    def _restore_state(self) -> list[str]:
+        """Brings the bucket's copy of an unfinished run to local disk; returns the finished phases."""
+        self.ctx.staging.mkdir(parents=True, exist_ok=True)
+        self.mirror.pull()
+        self.history = export.read_json(self._path(export.HISTORY), [])
+        state = export.read_json(self._path(STATE), {})
+        self.attempt = int(state.get("attempts", 0)) + 1
+        done = list(state.get("completed_phases", []))
+        if self.history or done:
+            log.info("resuming: finished phases %s, %d epochs recorded, attempt %d", done or "none",
+                     len(self.history), self.attempt)
+        if self.ctx.is_chief:
+            export.write_json(self._path(STATE), {**state, "attempts": self.attempt})
+        return done
+
+    def _mark_phase_done(self, phase: str, done: list[str]) -> None:
+        done.append(phase)
+        if self.ctx.is_chief:
+            state = export.read_json(self._path(STATE), {})
+            export.write_json(self._path(STATE), {**state, "completed_phases": done})
+            self.mirror.push()
+
+    def on_epoch_recorded(self, record: dict) -> None:
+        metrics = {k: v for k, v in record.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+        eta = eta_seconds(self.history, self.total_epochs)
+        log.info("phase=%s epoch %d/%d %s %.1f img/s ETA %s", record["phase"], record["epoch"], self.total_epochs,
+                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), record["images_per_second"],
+                 dt.timedelta(seconds=round(eta)))
+        if not self.ctx.is_chief:
+            return
+        export.write_json(self._path(export.HISTORY), self.history)
+        export.write_json(self._path(export.STATUS), {
+            "state": "running", "phase": record["phase"], "epoch": record["epoch"],
+            "total_epochs": self.total_epochs, "metrics": metrics,
+            "images_per_second": record["images_per_second"], "eta_s": round(eta, 1),
+            "updated_at": _now(), "started_at": self.started_at, "name": self.cfg.name,
+            "num_workers": self.ctx.spec.num_workers,
+        })
+        self.mirror.push(export.HISTORY)
+        self.mirror.push(export.STATUS)
+
+    # -- the run
+
+    def run(self) -> int:
+        self.termination.install()
+        done = self._restore_state()
+        cache_dir = self.cfg.data.cache_dir or str(self.ctx.staging.parent / "tljob-data-cache")
+        ds = data.load_dataset(self.cfg.data, seed=self.cfg.seed, cache_dir=cache_dir)
+        workers = self.ctx.spec.num_workers
+        steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
+            ds.train.num_examples, self.ctx.global_batch, drop_remainder=workers > 1)
+        if steps < 1:
+            raise DataError(
+                f"{ds.train.num_examples} training images make no full global batch of {self.ctx.global_batch}. "
+                f"Fix: lower data.batch_size or add data.")
+        train_ds = data.train_pipeline(ds.train, global_batch=self.ctx.global_batch, aug=self.cfg.augment,
+                                       shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed,
+                                       num_workers=workers, repeat=self.cfg.train.steps_per_epoch is not None)
+        val_ds = (data.eval_pipeline(ds.validation, global_batch=self.ctx.global_batch, num_workers=workers)
+                  if ds.validation else None)
+        tf.keras.utils.set_random_seed(self.cfg.seed)
+        with self.strategy.scope():
+            # Variables of both phases are created in this scope: the model here, the optimizers in compile.
+            model = model_lib.build_model(self.cfg.model, image_size=self.cfg.data.image_size,
+                                          num_classes=ds.num_classes, cache_dir=cache_dir)
+            if self.cfg.model.weights == "none" and "fine_tuning" not in done:
+                model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
+        results: dict[str, dict] = {}
+        for phase in PHASES:
+            phase_cfg = getattr(self.cfg.train, phase)
+            ckpt = self._path(CHECKPOINTS, f"{phase}.weights.h5")
+            if phase == "fine_tuning":
+                with self.strategy.scope():
+                    model_lib.unfreeze_from(model, self.cfg.train.fine_tuning.fine_tune_at)
+            if phase in done:
+                log.info("phase %s already finished: loading %s", phase, ckpt)
+                model.load_weights(str(ckpt))
+                continue
+            self._fit_phase(model, phase, phase_cfg, ds.num_classes, train_ds, val_ds, steps)
+            self._save_phase_weights(model, phase)
+            self._mark_phase_done(phase, done)
+            results[phase] = self._evaluate(model, val_ds)
+        self.watchdog.disarm()
+        return self._finish(model, ds, results)
+
+    def _calibration_sample(self, split: data.Split, n: int = 64) -> "np.ndarray":
+        """The first n training images in the seeded shuffle order (the same on every worker)."""
+        ds = data.train_pipeline(split, global_batch=n, aug=dataclasses.replace(self.cfg.augment, rotation=0.0,
+                                 flip="none"), shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed,
+                                 num_workers=1, repeat=False)
+        return next(iter(ds))[0].numpy()
+
+    def _fit_phase(self, model: tf.keras.Model, phase: str, phase_cfg: PhaseConfig, num_classes: int,
+                   train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None, steps: int) -> None:
+        start, end = self.ends[phase]
+        if end == start:
+            log.info("phase %s: 0 epochs configured, skipped", phase)
+            return
+        lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
+                                   self.cfg.train.reference_batch_size)
+        with self.strategy.scope():
+            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes)
+        trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
+        log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
+                 phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
+        backup = RunBackup(str(self._path(BACKUP, phase)), self.cfg.runtime.backup_every_steps, self._push_backup)
+        callbacks: list[tf.keras.callbacks.Callback] = [
+            backup,
+            Progress(self, phase, steps),
+            faults.fault_callback(self.watchdog, self.termination, backup.backup_now, agree=self.agree),
+        ]
+        if self.ctx.is_chief:
+            callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(LOGS, phase)), update_freq="epoch"))
+            if storage.is_remote(self.cfg.output or ""):
+                callbacks.append(FileSync(self.mirror, self.cfg.runtime.log_sync_s))
+        self.watchdog.arm()
+        try:
+            model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
+                      steps_per_epoch=steps if self.cfg.train.steps_per_epoch else None,
+                      validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
+        except tf.errors.OpError as exc:
+            if faults.is_peer_failure(exc):
+                raise RetryableError(
+                    f"phase {phase}: the cluster broke ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                    f"restart all workers with the same command to resume from the last backup") from exc
+            raise
+        finally:
+            self.watchdog.disarm()
+
+    def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
+        # Every worker saves (reading mirrored BatchNorm statistics is a collective); non-chiefs to a temp dir.
+        target = self._write_dir(CHECKPOINTS)
+        target.mkdir(parents=True, exist_ok=True)
+        model.save_weights(str(target / f"{phase}.weights.h5"))
+        self._cleanup_worker_dir(target, CHECKPOINTS)
+
+    def _evaluate(self, model: tf.keras.Model, val_ds: tf.data.Dataset | None) -> dict[str, float]:
+        if val_ds is None:
+            return {}
+        out = model.evaluate(val_ds, steps=self.cfg.train.validation_steps, return_dict=True, verbose=0)
+        return {f"val_{k}": float(v) for k, v in out.items()}
+
+    def _finish(self, model: tf.keras.Model, ds: data.Dataset, results: dict[str, dict]) -> int:
+        workers = self.ctx.spec.num_workers
+        test_metrics = {}
+        if ds.test is not None:
+            test_ds = data.eval_pipeline(ds.test, global_batch=self.ctx.global_batch, num_workers=workers)
+            out = model.evaluate(test_ds, return_dict=True, verbose=0)
+            test_metrics = {f"test_{k}": float(v) for k, v in out.items()}
+        model_dir = self._write_dir(export.MODEL_DIR)
+        export.export_model(model, model_dir)
+        self._cleanup_worker_dir(model_dir, export.MODEL_DIR)
+        if not self.ctx.is_chief:
+            log.info("worker %d done; the chief publishes the run", self.ctx.spec.task_index)
+            return EXIT_OK
+        self._write_final_files(ds, results, test_metrics)
+        # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
+        storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
+        listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
+        log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
+        return EXIT_OK
+
+    def _write_final_files(self, ds: data.Dataset, results: dict[str, dict], test_metrics: dict) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
+        shutil.rmtree(self._path(BACKUP), ignore_errors=True)
+        by_phase = {}
+        for phase in PHASES:
+            recs = [h for h in self.history if h["phase"] == phase]
+            if recs:
+                last = recs[-1]
+                by_phase[phase] = {k: last[k] for k in last if k.startswith("val_")} | results.get(phase, {})
+        ips = [h["images_per_second"] for h in self.history]
+        metrics = {
+            "phases": by_phase,
+            "test": test_metrics,
+            "images_per_second": round(sum(ips) / len(ips), 1) if ips else None,
+            "bad_files": len(ds.bad_files),
+            "bad_file_names": ds.bad_files,
+            "total_files": ds.total_files,
+            "epochs": len(self.history),
+            "global_batch_size": ctx.global_batch,
+            "num_workers": ctx.spec.num_workers,
+            "replicas": ctx.replicas,
+        }
+        export.write_json(self._path(export.METRICS), metrics)
+        export.write_json(self._path(export.HISTORY), self.history)
+        p1_end = self.ends["feature_extraction"][1]
+        export.plot_curves(self.history, self._path(export.CURVES),
+                           p1_end if cfg.train.fine_tuning.epochs and p1_end else None)
+        export.write_json(self._path(export.METADATA), export.metadata(
+            class_names=ds.class_names, image_size=cfg.data.image_size, config_digest=digest(cfg),
+            num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch))
+        (self._path(export.PARAMS)).write_text(to_yaml(cfg))
+        last = self.history[-1] if self.history else {}
+        export.write_json(self._path(export.STATUS), {
+            "state": "succeeded", "phase": last.get("phase"), "epoch": last.get("epoch"),
+            "total_epochs": self.total_epochs,
+            "metrics": {k: v for k, v in last.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+            "images_per_second": last.get("images_per_second"), "eta_s": 0.0, "updated_at": _now(),
+            "started_at": self.started_at, "name": cfg.name, "num_workers": ctx.spec.num_workers,
+        })
+        log.info("metrics: %s", {k: metrics[k] for k in ("phases", "test", "images_per_second", "bad_files")})

@@ -1,0 +1,120 @@
+"""Config loading, overrides and every validation message (no TensorFlow imported)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tljob.config import JobConfig, digest, load_config, parse_override, to_yaml
+from tljob.errors import EXIT_CONFIG, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((ROOT / "job").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_every_job_yaml_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(path, environ={})
+    assert isinstance(cfg, JobConfig)
+    # params.yaml, as saved beside the outputs, loads back to the same config.
+    saved = tmp_path / "params.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(saved, environ={}) == cfg
+
+
+def test_job_files_present() -> None:
+    assert {p.name for p in JOB_FILES} >= {"cats_vs_dogs.yaml", "dry_run.yaml"}
+
+
+def test_cats_vs_dogs_is_the_tutorial_recipe() -> None:
+    cfg = load_config(ROOT / "job" / "cats_vs_dogs.yaml", environ={})
+    assert (cfg.data.source, cfg.data.name, cfg.data.image_size, cfg.data.batch_size) == ("tfds", "cats_vs_dogs", 160, 32)
+    assert (cfg.augment.flip, cfg.augment.rotation) == ("horizontal", 0.2)
+    assert (cfg.model.weights, cfg.model.alpha, cfg.model.dropout) == ("imagenet", 1.0, 0.2)
+    fe, ft = cfg.train.feature_extraction, cfg.train.fine_tuning
+    assert (fe.epochs, fe.optimizer, fe.learning_rate) == (10, "adam", 1e-4)
+    assert (ft.epochs, ft.optimizer, ft.learning_rate, ft.fine_tune_at) == (10, "rmsprop", 1e-5, 100)
+
+
+def test_set_overrides_and_types() -> None:
+    cfg = load_config(ROOT / "job" / "dry_run.yaml",
+                      ["train.feature_extraction.epochs=7", "data.validation=null", "model.weights=none",
+                       "train.fine_tuning.learning_rate=1e-6"], environ={})
+    assert cfg.train.feature_extraction.epochs == 7
+    assert cfg.data.validation is None
+    assert cfg.train.fine_tuning.learning_rate == 1e-6
+
+
+def test_environment_overrides_below_command_line() -> None:
+    env = {"TLJOB__TRAIN__FEATURE_EXTRACTION__EPOCHS": "4", "TLJOB__DATA__BATCH_SIZE": "8"}
+    cfg = load_config(ROOT / "job" / "dry_run.yaml", ["data.batch_size=12"], environ=env)
+    assert cfg.train.feature_extraction.epochs == 4
+    assert cfg.data.batch_size == 12
+
+
+def test_parse_override_needs_equals() -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("train.epochs")
+
+
+BAD = [
+    (["train.feature_extraction.epochs=-1"], "train.feature_extraction.epochs", "-1"),
+    (["train.fine_tuning.epochs=-3"], "train.fine_tuning.epochs", "-3"),
+    (["train.fine_tuning.fine_tune_at=154"], "train.fine_tuning.fine_tune_at", "154 layers"),
+    (["data.image_size=16"], "data.image_size", "at least 32"),
+    (["data.sourc=folder"], "unknown key 'data.sourc'", "Did you mean 'data.source'"),
+    (["bogus.key=1"], "unknown key 'bogus'", "Valid keys"),
+    (["data.source=folder", "data.train=/no/such/dir"], "data.train", "/no/such/dir"),
+    (["data.source=folder", "data.train=null"], "data.train", "training folder path"),
+    (["data.source=tfrecord", "data.train=/no/such/records"], "data.train", "tljob convert"),
+    (["data.source=parquet"], "data.source", "folder, tfds, tfrecord, synthetic"),
+    (["model.weights=/no/such/weights.h5"], "model.weights", "does not exist"),
+    (["model.weights=weights.bin"], "model.weights", ".h5"),
+    (["model.weights=imagenet", "model.alpha=0.6"], "model.alpha", "ImageNet weights exist"),
+    (["data.batch_size=0"], "data.batch_size", "positive"),
+    (["data.batch_size=abc"], "data.batch_size", "not a valid int"),
+    (["train.feature_extraction.learning_rate=0"], "learning_rate", "positive"),
+    (["train.fine_tuning.optimizer=lbfgs"], "train.fine_tuning.optimizer", "adam, rmsprop, sgd"),
+    (["runtime.strategy=tpu"], "runtime.strategy", "multi_worker"),
+    (["data.validation_fraction=0.6", "data.test_fraction=0.5"], "data.validation_fraction + data.test_fraction", "< 1"),
+    (["data.max_bad_fraction=1.5"], "data.max_bad_fraction", "between 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fix", BAD, ids=[b[1] + ":" + b[0][-1] for b in BAD])
+def test_bad_values_name_key_value_and_fix(overrides: list[str], key: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "job" / "dry_run.yaml", overrides, environ={})
+    message = str(info.value)
+    assert key in message and fix in message
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("job/nope.yaml", environ={})
+
+
+def test_digest_ignores_output_only() -> None:
+    a = load_config(ROOT / "job" / "dry_run.yaml", ["output=/tmp/a"], environ={})
+    b = load_config(ROOT / "job" / "dry_run.yaml", ["output=/tmp/b"], environ={})
+    c = load_config(ROOT / "job" / "dry_run.yaml", ["data.batch_size=3"], environ={})
+    assert digest(a) == digest(b) != digest(c)
+
+
+def test_cli_config_error_exits_2_before_tensorflow(tmp_path: Path) -> None:
+    """Exit code 2, the message on stderr, and no TensorFlow import (fast failure)."""
+    code = (
+        "import sys; from tljob.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", "--config", str(ROOT / "job" / "dry_run.yaml"),
+         "--set", "train.fine_tuning.fine_tune_at=999", "--output", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    assert "train.fine_tuning.fine_tune_at" in proc.stderr and "999" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,166 @@
+"""Data sources and pipelines on images the tests make (real JPEGs, real TFRecords, TFDS mock data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tljob  # noqa: F401  (selects tf-keras before TensorFlow loads)
+import tensorflow as tf
+
+from tljob import data
+from tljob.config import AugmentConfig, DataConfig
+from tljob.errors import ConfigError, DataError
+
+from imagegen import make_image_folder
+
+
+def folder_cfg(root: Path, **kw) -> DataConfig:
+    base = DataConfig(source="folder", train=str(root), validation=None, test=None, image_size=32, batch_size=4)
+    return dataclasses.replace(base, **kw)
+
+
+def test_folder_skips_and_names_bad_files(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"cat": 6, "dog": 6}, size=40)
+    truncated = root / "cat" / "truncated.jpg"
+    truncated.write_bytes((root / "cat" / "cat_0.jpg").read_bytes()[:200])
+    not_image = root / "dog" / "notes.jpg"
+    not_image.write_text("this is not an image")
+    empty = root / "dog" / "empty.png"
+    empty.write_bytes(b"")
+    ds = data.load_dataset(folder_cfg(root, max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path / "c"))
+    assert ds.class_names == ["cat", "dog"]
+    assert sorted(Path(p).name for p in ds.bad_files) == ["empty.png", "notes.jpg", "truncated.jpg"]
+    assert ds.total_files == 15
+    assert ds.train.num_examples == 12
+    assert ds.train.images is not None and ds.train.images.shape == (12, 32, 32, 3)
+    assert sorted(np.bincount(ds.train.labels).tolist()) == [6, 6]
+
+
+def test_folder_streamed_when_cache_off(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"a": 5, "b": 3}, size=36)
+    (root / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    ds = data.load_dataset(folder_cfg(root, cache="none", max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path))
+    assert ds.train.images is None and len(ds.bad_files) == 1
+    batches = list(data.eval_pipeline(ds.train, global_batch=4, num_workers=1))
+    assert sum(int(x.shape[0]) for x, _ in batches) == 8
+    assert batches[0][0].dtype == tf.float32 and batches[0][0].shape[1:] == (32, 32, 3)
+
+
+def test_too_many_bad_files_is_a_data_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"a": 2, "b": 2}, size=32)
+    for i in range(3):
+        (root / "a" / f"bad{i}.jpg").write_text("nope")
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        data.load_dataset(folder_cfg(root, max_bad_fraction=0.1), seed=1, cache_dir=str(tmp_path))
+
+
+def test_fraction_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"a": 10, "b": 10}, size=32)
+    cfg = folder_cfg(root, validation_fraction=0.2, test_fraction=0.1)
+    one = data.load_dataset(cfg, seed=3, cache_dir=str(tmp_path))
+    two = data.load_dataset(cfg, seed=3, cache_dir=str(tmp_path))
+    assert (one.train.num_examples, one.validation.num_examples, one.test.num_examples) == (14, 4, 2)
+    np.testing.assert_array_equal(one.validation.images, two.validation.images)
+    train_a, val_a, test_a = data.split_fractions(list(range(20)), 0.2, 0.1, seed=3)
+    assert not set(train_a) & set(val_a) and not set(val_a) & set(test_a) and len(train_a) == 14
+
+
+def test_separate_split_folders_must_share_classes(tmp_path: Path) -> None:
+    train = make_image_folder(tmp_path / "train", {"a": 2, "b": 2}, size=32)
+    val = make_image_folder(tmp_path / "val", {"a": 2, "c": 2}, size=32)
+    with pytest.raises(DataError, match="classes"):
+        data.load_dataset(folder_cfg(train, validation=str(val)), seed=1, cache_dir=str(tmp_path))
+
+
+def test_folder_without_classes_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match="class sub-folders"):
+        data.load_dataset(folder_cfg(tmp_path / "flat"), seed=1, cache_dir=str(tmp_path))
+
+
+def test_convert_then_read_tfrecords(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"x": 5, "y": 4, "z": 3}, size=48)
+    (root / "y" / "broken.jpg").write_bytes(b"junk")
+    report = data.convert_folder(str(root), str(tmp_path / "rec"), shards=3, image_size=40)
+    assert report["num_examples"] == 12 and report["class_names"] == ["x", "y", "z"]
+    assert [Path(p).name for p in report["bad_files"]] == ["broken.jpg"]
+    shards = sorted((tmp_path / "rec").glob("*.tfrecord"))
+    assert len(shards) == 3
+    meta = json.loads((tmp_path / "rec" / "meta.json").read_text())
+    assert meta["shards"] == 3
+    for cache in ("auto", "none"):
+        cfg = DataConfig(source="tfrecord", train=str(tmp_path / "rec"), validation=None, test=None,
+                         image_size=32, batch_size=4, cache=cache)
+        ds = data.load_dataset(cfg, seed=0, cache_dir=str(tmp_path))
+        assert ds.num_classes == 3 and ds.train.num_examples == 12
+        labels = np.concatenate([y.numpy() for _, y in data.eval_pipeline(ds.train, global_batch=5, num_workers=1)])
+        assert sorted(np.bincount(labels).tolist()) == [3, 4, 5]
+        assert data.shard_policy(ds.train, 2) == (
+            tf.data.experimental.AutoShardPolicy.DATA if cache == "auto" else tf.data.experimental.AutoShardPolicy.FILE)
+    assert data.shard_policy(ds.train, 4) == tf.data.experimental.AutoShardPolicy.DATA  # 3 files < 4 workers
+
+
+def test_tfds_source_with_mock_data(tmp_path: Path) -> None:
+    import tensorflow_datasets as tfds
+
+    cfg = DataConfig(source="tfds", name="cats_vs_dogs", train="train[:80%]", validation="train[80%:]", test=None,
+                     image_size=32, batch_size=4)
+    with tfds.testing.mock_data(num_examples=20):
+        ds = data.load_dataset(cfg, seed=0, cache_dir=str(tmp_path))
+    assert ds.class_names == ["cat", "dog"]
+    # mock_data yields num_examples for every split string (it does not slice).
+    assert ds.train.num_examples == 20 and ds.validation.num_examples == 20
+    assert ds.train.images.shape == (20, 32, 32, 3) and ds.train.images.dtype == np.uint8
+
+
+def test_synthetic_classes_differ_in_colour() -> None:
+    images, labels = data.synthetic_images(200, 3, 16, seed=0)
+    means = [images[labels == k].mean(axis=(0, 1, 2)) for k in range(3)]
+    assert min(np.abs(means[a] - means[b]).max() for a in range(3) for b in range(a + 1, 3)) > 30
+    again, _ = data.synthetic_images(200, 3, 16, seed=0)
+    np.testing.assert_array_equal(images, again)
+
+
+def test_train_pipeline_batches_augments_and_reshuffles() -> None:
+    images, labels = data.synthetic_images(40, 2, 32, seed=0)
+    split = data.Split("train", 40, images=images, labels=labels)
+    ds = data.train_pipeline(split, global_batch=8, aug=AugmentConfig(), shuffle_buffer=40, seed=1,
+                             num_workers=1, repeat=False)
+    epoch1 = [y.numpy() for _, y in ds]
+    epoch2 = [y.numpy() for _, y in ds]
+    assert len(epoch1) == 5 and all(len(b) == 8 for b in epoch1)
+    assert not all((a == b).all() for a, b in zip(epoch1, epoch2)), "shuffle must differ between epochs"
+    x, _ = next(iter(ds))
+    assert x.dtype == tf.float32 and float(tf.reduce_max(x)) <= 255.0
+
+
+def test_augment_rotation_and_flip() -> None:
+    img = np.zeros((1, 8, 8, 1), np.float32)
+    img[0, :, :4] = 1.0  # left half bright
+    flipped = data.augment_batch(tf.constant(np.repeat(img, 64, axis=0)), AugmentConfig(flip="horizontal", rotation=0.0))
+    left = flipped[:, :, :4].numpy().mean(axis=(1, 2, 3))
+    assert 10 < int((left == 0).sum()) < 54, "about half of the batch must be flipped"
+    same = data.augment_batch(tf.constant(img), AugmentConfig(flip="none", rotation=0.0))
+    np.testing.assert_array_equal(same.numpy(), img)
+    rotated = data.augment_batch(tf.constant(np.repeat(img, 16, axis=0)), AugmentConfig(flip="none", rotation=0.25))
+    assert not np.allclose(rotated.numpy(), img)
+
+
+def test_multiworker_batches_drop_remainder() -> None:
+    images, labels = data.synthetic_images(21, 2, 32, seed=0)
+    split = data.Split("v", 21, images=images, labels=labels)
+    sizes = [int(x.shape[0]) for x, _ in data.eval_pipeline(split, global_batch=4, num_workers=2)]
+    assert sizes == [4] * 5
+    assert data.steps_per_epoch(21, 4, drop_remainder=True) == 5
+    assert data.steps_per_epoch(21, 4, drop_remainder=False) == 6
+
+
+def test_fits_in_memory() -> None:
+    assert data.fits_in_memory(1000, 160, 100)
+    assert not data.fits_in_memory(10_000, 160, 100)

@@ -1,0 +1,87 @@
+"""The model: the tutorial's structure, weights loading, and the fine-tuning unfreeze."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tljob  # noqa: F401  (selects tf-keras before TensorFlow loads)
+import tensorflow as tf
+
+from tljob import model as model_lib
+from tljob.config import MOBILENET_V2_DEPTH, FineTuneConfig, ModelConfig, PhaseConfig
+from tljob.errors import ConfigError
+
+
+def small(num_classes: int = 2, weights: str = "none", size: int = 32) -> tf.keras.Model:
+    return model_lib.build_model(ModelConfig(weights=weights, alpha=0.35), image_size=size,
+                                 num_classes=num_classes, cache_dir="/tmp")
+
+
+def test_structure_is_the_tutorials() -> None:
+    m = small()
+    names = [layer.name for layer in m.layers]
+    assert names[1:] == ["preprocess", names[2], "pool", "dropout", "classifier"]
+    base = model_lib.get_base(m)
+    assert len(base.layers) == MOBILENET_V2_DEPTH
+    assert not base.trainable and m.layers[-1].activation.__name__ == "sigmoid"
+    assert m.layers[-1].units == 1
+    # preprocess_input: 0 -> -1, 255 -> 1
+    pre = m.get_layer("preprocess")(tf.constant([[0.0, 255.0]]))
+    np.testing.assert_allclose(pre.numpy(), [[-1.0, 1.0]], atol=1e-6)
+
+
+def test_more_than_two_classes_uses_softmax() -> None:
+    m = small(num_classes=5)
+    assert m.layers[-1].units == 5 and m.layers[-1].activation.__name__ == "softmax"
+    loss, _ = model_lib.loss_and_metrics(5)
+    assert isinstance(loss, tf.keras.losses.SparseCategoricalCrossentropy)
+
+
+@pytest.mark.parametrize("fine_tune_at", [0, 100, 150])
+def test_unfreeze_matches_config(fine_tune_at: int) -> None:
+    m = small()
+    n = model_lib.unfreeze_from(m, fine_tune_at)
+    expected = model_lib.trainable_base_layers(MOBILENET_V2_DEPTH, fine_tune_at)
+    assert n == expected == MOBILENET_V2_DEPTH - fine_tune_at
+    base = model_lib.get_base(m)
+    assert all(not layer.trainable for layer in base.layers[:fine_tune_at])
+    assert all(layer.trainable for layer in base.layers[fine_tune_at:])
+
+
+def test_batchnorm_stays_in_inference_mode_when_unfrozen() -> None:
+    m = small()
+    model_lib.unfreeze_from(m, 0)
+    model_lib.compile_for_phase(m, FineTuneConfig(), 1e-3, 2)
+    bn = next(layer for layer in model_lib.get_base(m).layers if isinstance(layer, tf.keras.layers.BatchNormalization))
+    before = bn.moving_mean.numpy().copy()
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    m.fit(x, np.array([0, 1] * 4), epochs=1, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before)
+
+
+def test_weights_from_h5_file(tmp_path: Path) -> None:
+    base = tf.keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, weights=None, alpha=0.35)
+    path = tmp_path / "base.h5"
+    base.save_weights(str(path))
+    m = model_lib.build_model(ModelConfig(weights=str(path), alpha=0.35), image_size=32, num_classes=2,
+                              cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(model_lib.get_base(m).get_weights()[0], base.get_weights()[0])
+
+
+def test_wrong_h5_is_a_config_error(tmp_path: Path) -> None:
+    other = tf.keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, weights=None, alpha=0.5)
+    path = tmp_path / "alpha05.h5"
+    other.save_weights(str(path))
+    with pytest.raises(ConfigError, match="model.weights"):
+        model_lib.build_model(ModelConfig(weights=str(path), alpha=0.35), image_size=32, num_classes=2,
+                              cache_dir=str(tmp_path))
+
+
+def test_optimizers_per_phase() -> None:
+    assert isinstance(model_lib.make_optimizer(PhaseConfig(optimizer="adam"), 1e-4), tf.keras.optimizers.Adam)
+    opt = model_lib.make_optimizer(FineTuneConfig(), 1e-5)
+    assert isinstance(opt, tf.keras.optimizers.RMSprop)
+    assert float(opt.learning_rate) == pytest.approx(1e-5)

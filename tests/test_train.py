@@ -1,0 +1,165 @@
+"""End to end: the real `tljob` command on the dry-run config, in a real process.
+
+One uninterrupted run (every output, timing, predict, evaluate, no retraining) and one run killed in
+phase 2 and resumed (from the history, not from logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tljob.errors import EXIT_OK
+
+ROOT = Path(__file__).resolve().parents[1]
+DRY_RUN = str(ROOT / "job" / "dry_run.yaml")
+
+
+def tljob(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tljob.cli", *args], capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 300), env=kw.pop("env", None), **kw)
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tljob.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, float]:
+    out = tmp_path_factory.mktemp("dry") / "run"
+    t0 = time.monotonic()
+    proc = tljob("train", "--config", DRY_RUN, "--output", str(out))
+    return out, proc, time.monotonic() - t0
+
+
+def test_dry_run_succeeds_within_90_seconds(finished_run) -> None:
+    out, proc, seconds = finished_run
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    assert seconds < 90, f"dry run took {seconds:.0f} s"
+    assert "role=worker task_index=0 workers=1 replicas=1" in proc.stderr
+    assert "final config:" in proc.stderr
+
+
+def test_dry_run_writes_every_output(finished_run) -> None:
+    out, proc, _ = finished_run
+    for rel in ("_SUCCESS", "history.json", "curves.png", "metrics.json", "metadata.json", "params.yaml",
+                "status.json", "model/model.keras", "model/saved_model/saved_model.pb",
+                "checkpoints/feature_extraction.weights.h5", "checkpoints/fine_tuning.weights.h5"):
+        assert (out / rel).is_file(), rel
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    assert not (out / "backup").exists()
+    success = json.loads((out / "_SUCCESS").read_text())
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "_SUCCESS"}
+    assert set(success["files"]) == on_disk
+    assert all(success["files"][rel]["size"] == (out / rel).stat().st_size for rel in on_disk)
+
+
+def test_history_metrics_and_metadata(finished_run) -> None:
+    out, _, _ = finished_run
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["phase"] for h in history] == ["feature_extraction"] * 3 + ["fine_tuning"] * 2
+    assert all({"loss", "accuracy", "val_loss", "val_accuracy", "images_per_second"} <= h.keys() for h in history)
+    assert all(h["global_batch_size"] == 16 for h in history)
+    # The synthetic classes are learnable: accuracy rises well above chance.
+    assert history[-1]["val_accuracy"] > history[0]["val_accuracy"], history
+    assert history[-1]["val_accuracy"] >= 0.75, history
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["phases"]) == {"feature_extraction", "fine_tuning"}
+    assert "val_accuracy" in metrics["phases"]["fine_tuning"] and "test_accuracy" in metrics["test"]
+    assert metrics["bad_files"] == 0 and metrics["images_per_second"] > 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["class_names"] == ["class_0", "class_1"] and meta["image_size"] == 64
+    assert meta["versions"]["tensorflow"].startswith("2.21")
+    assert "output:" in (out / "params.yaml").read_text()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["epoch"] == 5
+
+
+def test_finished_run_is_not_retrained(finished_run) -> None:
+    out, _, _ = finished_run
+    before = (out / "_SUCCESS").stat().st_mtime_ns
+    proc = tljob("train", "--config", DRY_RUN, "--output", str(out), timeout=60)
+    assert proc.returncode == EXIT_OK
+    assert "already finished" in proc.stderr
+    assert (out / "_SUCCESS").stat().st_mtime_ns == before
+
+
+def test_predict_and_evaluate_with_exported_model(finished_run, tmp_path: Path) -> None:
+    out, _, _ = finished_run
+    from tljob.data import synthetic_images
+
+    images, labels = synthetic_images(6, 2, 64, seed=123)
+    folder = tmp_path / "eval"
+    paths = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        (folder / f"class_{y}").mkdir(parents=True, exist_ok=True)
+        path = folder / f"class_{y}" / f"{i}.png"
+        Image.fromarray(img).save(path)
+        paths.append(path)
+    (tmp_path / "broken.jpg").write_text("not an image")
+    proc = tljob("predict", "--model", str(out / "model"), *map(str, paths), str(tmp_path / "broken.jpg"))
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [*map(str, paths), str(tmp_path / "broken.jpg")]
+    good = rows[:-1]
+    assert all(r["class"] in ("class_0", "class_1") and 0.5 <= r["probability"] <= 1 for r in good)
+    assert np.mean([r["class"] == f"class_{y}" for r, y in zip(good, labels)]) >= 0.6
+    assert "error" in rows[-1]
+    proc = tljob("evaluate", "--model", str(out / "model"), "--data", str(folder))
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout)
+    assert metrics["examples"] == 6 and metrics["accuracy"] >= 0.6
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def _history(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "history.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_run_killed_in_phase_2_resumes_without_repeating(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train", "--config", DRY_RUN, "--output", str(out), "--set", "train.feature_extraction.epochs=2",
+            "--set", "train.fine_tuning.epochs=4", "--set", "data.synthetic.validation_examples=16",
+            "--set", "data.synthetic.test_examples=0")
+    proc = start(*args)
+    # Killed (SIGKILL: no chance to clean up) once the first fine-tuning epoch is backed up.
+    _wait_for(lambda: any(h["phase"] == "fine_tuning" for h in _history(out)), proc, timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(h["epoch"] for h in _history(out))
+    assert 3 <= killed_at < 6, "the kill must land inside phase 2"
+    assert not (out / "_SUCCESS").exists()
+    resumed = tljob(*args)
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
+    history = _history(out)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert [h["attempt"] for h in history if h["phase"] == "feature_extraction"] == [1, 1]
+    # The resumed attempt starts with the epoch after the last backed-up one.
+    second = [h["epoch"] for h in history if h["attempt"] == 2]
+    assert second and second[0] == killed_at + 1 and second == list(range(killed_at + 1, 7))
+    assert "phase feature_extraction already finished" in resumed.stderr
+    assert (out / "_SUCCESS").exists()
