@@ -363,7 +363,9 @@ def test_two_workers_all_reduce_for_real() -> None:
         results.append(json.loads(out.split("RESULT ", 1)[1]))
     assert [r["sum"] for r in results] == [3.0, 3.0]
     assert [r["is_chief"] for r in results] == [True, False] == [r["spec_chief"] for r in results]
-    assert [r["dir"] for r in results] == ["/out/run", "/out/run/.workertemp_1"]
+    assert results[0]["dir"] == "/out/run"
+    assert "tljob-worker-1-" in results[1]["dir"] and results[1]["dir"].endswith("/run")
+    assert not results[1]["dir"].startswith("/out/run")
     assert [r["multi_worker"] for r in results] == [True, True]
     assert [r["replicas"] for r in results] == [2, 2]
     assert [r["agreed"] for r in results] == [True, True]

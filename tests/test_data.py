@@ -96,9 +96,10 @@ def test_convert_then_read_tfrecords(tmp_path: Path) -> None:
     assert meta["shards"] == 3
     for cache in ("auto", "none"):
         cfg = DataConfig(source="tfrecord", train=str(tmp_path / "rec"), validation=None, test=None,
-                         image_size=32, batch_size=4, cache=cache)
+                         image_size=32, batch_size=4, cache=cache, max_bad_fraction=0.1)
         ds = data.load_dataset(cfg, seed=0, cache_dir=str(tmp_path))
         assert ds.num_classes == 3 and ds.train.num_examples == 12
+        assert [Path(p).name for p in ds.bad_files] == ["broken.jpg"] and ds.total_files == 13
         labels = np.concatenate([y.numpy() for _, y in data.eval_pipeline(ds.train, global_batch=5, num_workers=1)])
         assert sorted(np.bincount(labels).tolist()) == [3, 4, 5]
         assert data.shard_policy(ds.train, 2) == (

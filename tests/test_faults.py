@@ -293,3 +293,63 @@ def test_killed_peer_is_a_peer_failure_for_real() -> None:
     # Worker 1 dies 1 s into the collective: the reset connection is seen at once, long before
     # the 10 s heartbeat timeout.
     assert result["after_s"] < 8
+
+
+TERM_ONE = """
+import logging, os, sys
+import tljob
+from tljob import cluster
+from tljob.errors import TljobError
+from tljob.faults import GracefulTermination, Watchdog, fault_callback
+logging.basicConfig(level=logging.INFO)
+spec = cluster.resolve_cluster(os.environ)
+strategy = cluster.create_strategy(spec, "auto")
+term = GracefulTermination(grace_s=20)
+term.install()
+import numpy as np
+import tensorflow as tf
+with strategy.scope():
+    model = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(4,))])
+    model.compile("sgd", "mse")
+data = tf.data.Dataset.from_tensors((np.zeros(4, "float32"), np.zeros(2, "float32"))).repeat().batch(2)
+class Started(tf.keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 20:
+            print("training", flush=True)
+def save_backup():
+    open(os.environ["MARKER"], "w").write("saved")
+callback = fault_callback(Watchdog(30), term, save_backup, cluster.make_any_worker(strategy), check_every_batches=10)
+try:
+    model.fit(data, steps_per_epoch=10**6, verbose=0, callbacks=[Started(), callback])
+except TljobError as exc:
+    logging.error("%s", exc)
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.multiworker
+@pytest.mark.timeout(90)
+def test_sigterm_to_one_worker_stops_both_at_the_same_batch(tmp_path) -> None:
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CONFIG", "JOB_COMPLETION_INDEX", "CLUSTER_SPEC") and not k.startswith("TLJOB_")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TERM_ONE],
+            env={**env, "MARKER": str(tmp_path / f"backup{i}"),
+                 "TF_CONFIG": json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}})},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        wait_for(procs[1], "training")
+        procs[1].send_signal(signal.SIGTERM)  # as when Kubernetes evicts one pod
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [EXIT_RETRYABLE, EXIT_RETRYABLE], errors[0][-2000:] + errors[1][-2000:]
+    assert [(tmp_path / f"backup{i}").read_text() for i in range(2)] == ["saved", "saved"]
+    stops = [err.split("termination requested", 1)[1].split(":", 1)[0] for err in errors]
+    assert stops[0] == stops[1]  # " (SIGTERM here or on a peer) at batch N" on both

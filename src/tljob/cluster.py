@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import string
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, MutableMapping
 
@@ -408,15 +410,19 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return (resolver.task_type, resolver.task_id) == chief_task(cluster)
 
 
-def worker_write_dir(path: str, strategy: tf.distribute.Strategy) -> str:
+def worker_write_dir(path: str, strategy: tf.distribute.Strategy, scratch_root: str | None = None) -> str:
     """Where this process writes `path`'s content: `path` on the chief, a scratch folder elsewhere.
 
     Non-chief workers must still run the same save ops (saving reads ON_READ variables through
-    collectives), but two writers to one path would corrupt it; the caller deletes the scratch folder.
+    collectives), but two writers to one path would corrupt it. The scratch folder is outside the run
+    directory (under `scratch_root`, default the temp dir): workers that share a filesystem with the
+    chief must not leave files in the run while the chief lists it for _SUCCESS. The caller deletes it.
     """
     if is_chief(strategy):
         return path
-    return f"{path.rstrip('/')}/.workertemp_{strategy.cluster_resolver.task_id}"
+    root = scratch_root or tempfile.gettempdir()
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.join(root, f"tljob-worker-{strategy.cluster_resolver.task_id}-{os.getpid()}", name)
 
 
 def num_replicas(strategy: tf.distribute.Strategy) -> int:

@@ -252,11 +252,12 @@ def _load_tfrecord(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     for key, meta in metas.items():
         if meta["class_names"] != class_names:
             raise DataError(f"data.{key}: classes {meta['class_names']} differ from data.train's {class_names}.")
-    total = sum(int(m.get("num_examples", 0)) for m in metas.values())
-    cache = _want_cache(cfg, total)
+    good = sum(int(m.get("num_examples", 0)) for m in metas.values())
+    cache = _want_cache(cfg, good)
     splits = {k: _tfrecord_split(k, v, cfg, cache, int(metas[k].get("num_examples", 0))) for k, v in local.items()}
+    # Files `tljob convert` left out count as this run's bad files: same report, same limit.
     bad = [f for m in metas.values() for f in m.get("bad_files", [])]
-    return _finish(cfg, class_names, splits, bad, total)
+    return _finish(cfg, class_names, splits, bad, good + len(bad))
 
 
 def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_size: int | None = None) -> dict:

@@ -46,8 +46,6 @@ JOBSET_REPLICATED_JOB = "worker"
 POD_LABELS = {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": "worker"}
 OBJECT_LABELS = {"app.kubernetes.io/name": APP}
 
-DEFAULT_WORKERS = 2
-DEFAULT_GPUS_PER_WORKER = 1
 # Placeholders that README "Run on GKE" replaces by rendering with the user's own values.
 DEFAULT_IMAGE = "us-docker.pkg.dev/my-project/tljob/tljob:0.1.0"
 DEFAULT_OUTPUT = "gs://my-project-tljob/runs/cats_vs_dogs"
@@ -80,8 +78,10 @@ TTL_AFTER_FINISHED_S = 24 * 3600
 TERMINATION_GRACE_S = 30
 
 # checkov checks that these manifests skip (as checkov.io/skipN annotations), each with its reason.
-IMAGE_DIGEST_SKIP = ("CKV_K8S_43", "the image is built per project; pin it by digest with tljob manifests --image REPO:TAG@sha256:...")
-NAMESPACE_SKIP = ("CKV_K8S_21", "the namespace is chosen when applying: kubectl apply -n NS, or tljob manifests --namespace NS")
+IMAGE_DIGEST_SKIP = ("CKV_K8S_43", "the image is built per project; pin it by digest with "
+                                   "tljob manifests --image REPO:TAG@sha256:...")
+NAMESPACE_SKIP = ("CKV_K8S_21", "the namespace is chosen when applying: kubectl apply -n NS, or "
+                                "tljob manifests --namespace NS")
 
 _LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -155,7 +155,8 @@ def check_namespace(namespace: str) -> None:
 
 def set_output(config_text: str, output: str) -> str:
     """The job YAML with its top-level `output:` line replaced (added when absent); comments are kept."""
-    line = f"output: {yaml.safe_dump(output, default_style=chr(34)).strip()}  # the run directory; set by tljob manifests --output"
+    quoted = yaml.safe_dump(output, default_style='"').strip()
+    line = f"output: {quoted}  # the run directory; set by tljob manifests --output"
     pattern = re.compile(r"^output:.*$", re.MULTILINE)
     if pattern.search(config_text):
         return pattern.sub(lambda _: line, config_text, count=1)
@@ -380,8 +381,9 @@ def pod_failure_policy(container_name: str, *, count_retryable: bool) -> k8s.V1P
             k8s.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
     ]
     if count_retryable:
-        rules.append(k8s.V1PodFailurePolicyRule(action="Count", on_exit_codes=k8s.V1PodFailurePolicyOnExitCodesRequirement(
-            container_name=container_name, operator="In", values=[EXIT_RETRYABLE])))
+        rules.append(k8s.V1PodFailurePolicyRule(
+            action="Count", on_exit_codes=k8s.V1PodFailurePolicyOnExitCodesRequirement(
+                container_name=container_name, operator="In", values=[EXIT_RETRYABLE])))
     return k8s.V1PodFailurePolicy(rules=rules)
 
 
@@ -470,8 +472,10 @@ POD_REASONS = {
     "serviceAccountName": "Workload Identity: GCS access as the bound Google service account, no key files",
     "automountServiceAccountToken": "the trainer never calls the Kubernetes API; GKE's metadata server needs no token",
     "enableServiceLinks": "keeps every Service of the namespace out of the environment as *_SERVICE_HOST variables",
-    "terminationGracePeriodSeconds": "above runtime.termination_grace_s (25 s): a SIGTERM'd worker saves its backup first",
-    "affinity": "GPU nodes: GKE's accelerator label, or NVIDIA GPU feature discovery's (the terms are ORed); to pin a model use cloud.google.com/gke-accelerator In [nvidia-l4]",
+    "terminationGracePeriodSeconds": ("above runtime.termination_grace_s (25 s): a SIGTERM'd worker saves its backup "
+                                      "first"),
+    "affinity": ("GPU nodes, by GKE's accelerator label or NVIDIA feature discovery's (either term); pin a model "
+                 "with cloud.google.com/gke-accelerator In [nvidia-l4]"),
     "tolerations[0]": "GPU node pools carry the taint nvidia.com/gpu:NoSchedule to keep other pods off",
     "securityContext.runAsUser": "the image's own non-root user; above 10000, so it matches no user of the host",
     "securityContext.seccompProfile": "the container runtime's default system-call filter",
@@ -486,7 +490,7 @@ CONTAINER_REASONS = {
     "command": "the image's ENTRYPOINT, stated so that the manifest reads as the command it runs",
     "env[TLJOB_NUM_WORKERS]": "= completions = parallelism; tljob manifests --workers writes all three",
     "env[TLJOB_PORT]": "the port that the Service and the NetworkPolicy open",
-    "env[TLJOB_HOST_PATTERN]": "every worker's address, for tljob.cluster: pod hostname <job>-<index> in the Service's subdomain",
+    "env[TLJOB_HOST_PATTERN]": "every worker's address, for tljob.cluster: its pod hostname in the headless Service",
     "env[TLJOB__RUNTIME__STAGING_DIR]": "runtime.staging_dir on the staging emptyDir",
     "env[PYTHONUNBUFFERED]": "log lines reach kubectl logs as they are written",
     "ports[grpc]": "TensorFlow's gRPC server: the collectives between workers",
@@ -500,24 +504,30 @@ CONTAINER_REASONS = {
 }
 
 JOB_SPEC_REASONS = {
-    "completionMode": "each pod gets JOB_COMPLETION_INDEX, its worker index, and hostname <job>-<index>",
-    "completions": "THE WORKER COUNT: parallelism and TLJOB_NUM_WORKERS equal it; tljob manifests --workers N writes all three",
+    "completionMode": "each pod gets JOB_COMPLETION_INDEX (its worker index) and a hostname that ends in it",
+    "completions": ("THE WORKER COUNT: parallelism and TLJOB_NUM_WORKERS equal it; tljob manifests --workers N "
+                    "writes all three"),
     "parallelism": "every worker at once: MultiWorkerMirroredStrategy needs all its peers",
-    "backoffLimitPerIndex": "restarts per worker; one fault costs each worker one, since its peers exit 75 within runtime.peer_timeout_s",
+    "backoffLimitPerIndex": ("restarts per worker; one fault costs each worker one, since its peers exit 75 within "
+                             "runtime.peer_timeout_s"),
     "maxFailedIndexes": "0: a worker out of restarts fails the Job, as its peers cannot train without it",
     "backoffLimit": "workers x backoffLimitPerIndex: a total cap that never binds before the per-worker one",
     "podReplacementPolicy": "a replacement pod starts only once the old one is gone: never two pods with one hostname",
     "podFailurePolicy.rules[0]": "exit 2 (config) or 3 (data): no restart can fix it, so the Job fails at once",
     "podFailurePolicy.rules[1]": "evicted, preempted or drained: not the run's fault; retried without using a restart",
-    "podFailurePolicy.rules[2]": "exit 75 (retryable: peer lost, SIGTERM, storage outage): resume from the last backup; counted, so a fault that keeps coming ends the Job",
-    "activeDeadlineSeconds": "caps GPU time when retries never end; far above the recipe's duration, raise it for larger data",
+    "podFailurePolicy.rules[2]": ("exit 75 (retryable: peer lost, SIGTERM, storage outage): resume from the last "
+                                  "backup; counted, so a fault that keeps coming ends the Job"),
+    "activeDeadlineSeconds": ("caps GPU time when retries never end; far above the recipe's duration, raise it for "
+                              "larger data"),
     "ttlSecondsAfterFinished": "the finished Job and its pods (and their logs) stay one day",
 }
 
 JOBSET_JOB_REASONS = {
     "backoffLimit": "0: any failed pod fails this Job, and the JobSet then restarts every worker together",
-    "podFailurePolicy.rules[0]": "exit 2 (config) or 3 (data): fails the Job with reason PodFailurePolicy, which fails the JobSet",
-    "podFailurePolicy.rules[1]": "evicted, preempted or drained: the pod is replaced; its peers then exit 75 and the JobSet restarts all",
+    "podFailurePolicy.rules[0]": ("exit 2 (config) or 3 (data): fails the Job with reason PodFailurePolicy, which "
+                                  "fails the JobSet"),
+    "podFailurePolicy.rules[1]": ("evicted, preempted or drained: the pod is replaced; its peers then exit 75 and "
+                                  "the JobSet restarts all"),
 }
 
 
@@ -530,20 +540,26 @@ def _pod_reasons(pod: str, container_name: str) -> dict[str, str]:
 
 
 META_REASONS = {"metadata.annotations": "checkov skips, each with its reason"}
-ANNOTATED_META_REASONS = {"metadata.annotations": "iam.gke.io/...: the Google service account (roles on the bucket) that "
-                          "the pods act as through Workload Identity, put in yours; checkov.io/skipN: skipped checks"}
+ANNOTATED_META_REASONS = {
+    "metadata.annotations": "iam.gke.io/...: the Google service account (roles on the bucket) that the pods act as "
+                            "through Workload Identity, put in yours; checkov.io/skipN: skipped checks",
+}
 
-JOB_REASONS = {**META_REASONS, **_prefixed("spec", JOB_SPEC_REASONS), **_pod_reasons("spec.template.spec", CONTAINER_NAME)}
+JOB_REASONS = {
+    **META_REASONS, **_prefixed("spec", JOB_SPEC_REASONS), **_pod_reasons("spec.template.spec", CONTAINER_NAME),
+}
 
 _JOBSET_JOB = f"spec.replicatedJobs[{JOBSET_REPLICATED_JOB}].template.spec"
 JOBSET_REASONS = {
     **META_REASONS,
-    "spec.network.enableDNSHostnames": "a headless Service named after the JobSet: pod <jobset>-worker-0-<index> resolves as <pod>.tljob",
+    "spec.network.enableDNSHostnames": ("a headless Service named after the JobSet: pod <jobset>-worker-0-<index> "
+                                        "resolves as <pod>.tljob"),
     "spec.failurePolicy.maxRestarts": "restarts of the whole set (every worker at once)",
-    "spec.failurePolicy.rules[ConfigOrDataError]": "a Job failed by its podFailurePolicy (exit 2 or 3) fails the JobSet without restarts",
+    "spec.failurePolicy.rules[ConfigOrDataError]": ("a Job failed by its podFailurePolicy (exit 2 or 3) fails the "
+                                                    "JobSet without restarts"),
     "spec.ttlSecondsAfterFinished": "the finished JobSet and its pods stay one day",
     f"spec.replicatedJobs[{JOBSET_REPLICATED_JOB}].replicas": "one Indexed Job holds all the workers",
-    **_prefixed(_JOBSET_JOB, {k: v for k, v in JOB_SPEC_REASONS.items() if k in ("completionMode", "completions", "parallelism")}),
+    **_prefixed(_JOBSET_JOB, {k: JOB_SPEC_REASONS[k] for k in ("completionMode", "completions", "parallelism")}),
     **_prefixed(_JOBSET_JOB, JOBSET_JOB_REASONS),
     **_pod_reasons(f"{_JOBSET_JOB}.template.spec", CONTAINER_NAME),
 }
@@ -551,12 +567,14 @@ JOBSET_REASONS = {
 _TF_POD = "spec.tfReplicaSpecs.Worker.template.spec"
 TFJOB_REASONS = {
     **META_REASONS,
-    "spec.runPolicy.backoffLimit": "container restarts before the TFJob fails; exit 2 or 3 also repeat until this runs out",
+    "spec.runPolicy.backoffLimit": ("container restarts before the TFJob fails; exit 2 or 3 also repeat until this "
+                                    "runs out"),
     "spec.runPolicy.activeDeadlineSeconds": JOB_SPEC_REASONS["activeDeadlineSeconds"],
     "spec.runPolicy.ttlSecondsAfterFinished": "the finished TFJob and its pods stay one day",
     "spec.runPolicy.cleanPodPolicy": "stops the workers still running once the TFJob has finished or failed",
     "spec.tfReplicaSpecs.Worker.replicas": "THE WORKER COUNT; the operator writes each pod's TF_CONFIG from it",
-    "spec.tfReplicaSpecs.Worker.restartPolicy": "OnFailure: ExitCode would treat 75 as permanent (the operator retries only 128-255)",
+    "spec.tfReplicaSpecs.Worker.restartPolicy": ("OnFailure: ExitCode would treat 75 as permanent (the operator "
+                                                 "retries only 128-255)"),
     **{k: v for k, v in _pod_reasons(_TF_POD, TFJOB_CONTAINER_NAME).items() if not k.endswith(".restartPolicy")},
     f"{_TF_POD}.restartPolicy": "restarts the container in place: the pod keeps its name, address and emptyDirs",
 }
@@ -690,27 +708,31 @@ class Manifest:
         return to_yaml(self.obj, self.purpose, self.reasons)
 
 
+_WITH_SHARED = ("Apply with ../configmap.yaml, ../serviceaccount.yaml and ../networkpolicy.yaml instead of job.yaml "
+                "and service.yaml.")
+
+
 def manifests(spec: RunSpec) -> list[Manifest]:
     """The files of one run: the flat set for `kubectl apply -f DIR`, and the two CRD variants in sub-folders."""
-    n = spec.workers
     return [
         Manifest("configmap.yaml", "The job config that every worker pod mounts as /etc/tljob/job.yaml.",
                  _sanitize(config_map(spec)), CONFIG_MAP_REASONS),
-        Manifest("serviceaccount.yaml", "The pods' identity: Workload Identity lets it act as a Google service account.",
+        Manifest("serviceaccount.yaml",
+                 "The pods' identity: Workload Identity lets it act as a Google service account.",
                  _sanitize(service_account(spec)), SERVICE_ACCOUNT_REASONS),
         Manifest("service.yaml", "Headless Service: a stable DNS name for each worker pod of the Indexed Job.",
                  _sanitize(service(spec)), SERVICE_REASONS),
         Manifest("networkpolicy.yaml", "Only this job's worker pods may reach the workers' gRPC port.",
                  _sanitize(network_policy(spec)), NETWORK_POLICY_REASONS),
-        Manifest("job.yaml", f"The training run: an Indexed Job of {n} worker pod(s), one per completion index.",
+        Manifest("job.yaml", "The training run: an Indexed Job with one worker pod per completion index.",
                  _sanitize(job(spec)), JOB_REASONS),
         Manifest("jobset/jobset.yaml",
-                 f"Variant for clusters with JobSet: {n} worker(s), all restarted together on any failure. Apply with "
-                 "../configmap.yaml, ../serviceaccount.yaml and ../networkpolicy.yaml instead of job.yaml and service.yaml.",
+                 "Variant for clusters with JobSet: the workers of an Indexed Job, all restarted together on any "
+                 "failure. "
+                 f"{_WITH_SHARED}",
                  jobset(spec), JOBSET_REASONS),
         Manifest("tfjob/tfjob.yaml",
-                 f"Variant for clusters with Kubeflow's training operator: a TFJob of {n} worker(s). Apply with "
-                 "../configmap.yaml, ../serviceaccount.yaml and ../networkpolicy.yaml instead of job.yaml and service.yaml.",
+                 f"Variant for clusters with Kubeflow's training operator: the workers as a TFJob. {_WITH_SHARED}",
                  tfjob(spec), TFJOB_REASONS),
     ]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import os
 import shutil
@@ -61,14 +62,15 @@ def phase_epochs(cfg: JobConfig) -> dict[str, tuple[int, int]]:
     return {"feature_extraction": (0, p1), "fine_tuning": (p1, p1 + cfg.train.fine_tuning.epochs)}
 
 
-def staging_dir(output: str, staging_root: str | None) -> Path:
+def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
     """Local outputs are written in place; remote ones are staged on local disk (an emptyDir in Kubernetes)."""
     if not storage.is_remote(output):
-        return Path(output.removeprefix("file://")).resolve()
+        return Path(storage.local_path(output)).resolve()
     root = Path(staging_root or tempfile.gettempdir())
-    # One stable directory per output URI, so a container restarted on the same node reuses it.
+    # One stable directory per output URI and worker: a container restarted on the same node reuses
+    # it, and workers sharing a disk (several on one machine) never write into each other's.
     name = "".join(ch if ch.isalnum() else "_" for ch in output.removeprefix("gs://"))
-    return root / "tljob-staging" / name
+    return root / "tljob-staging" / name / f"worker-{task_index}"
 
 
 def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
@@ -81,6 +83,13 @@ def eta_seconds(history: list[dict], total_epochs: int) -> float:
     if not done:
         return 0.0
     return sum(h["seconds"] for h in done[-3:]) / len(done[-3:]) * max(total_epochs - history[-1]["epoch"], 0)
+
+
+def weights_digest(model: tf.keras.Model) -> str:
+    digest_ = hashlib.sha256()
+    for w in model.get_weights():
+        digest_.update(np.ascontiguousarray(w).tobytes())
+    return digest_.hexdigest()[:16]
 
 
 def _now() -> str:
@@ -110,7 +119,7 @@ def run(cfg: JobConfig) -> int:
         spec=spec,
         replicas=replicas,
         global_batch=cluster.global_batch_size(cfg.data.batch_size, replicas),
-        staging=staging_dir(cfg.output, cfg.runtime.staging_dir),
+        staging=staging_dir(cfg.output, cfg.runtime.staging_dir, spec.task_index),
         is_chief=cluster.is_chief(strategy),
     )
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
@@ -234,8 +243,8 @@ class Trainer:
         return Path(cluster.worker_write_dir(str(self._path(*parts)), self.strategy))
 
     def _cleanup_worker_dir(self, written: Path, *parts: str) -> None:
-        if written != self._path(*parts) and written.exists():
-            shutil.rmtree(written)
+        if written != self._path(*parts):
+            shutil.rmtree(written.parent)  # the worker's own scratch folder
 
     def _push_backup(self) -> None:
         if self.ctx.is_chief:
@@ -325,7 +334,6 @@ class Trainer:
             self._save_phase_weights(model, phase)
             self._mark_phase_done(phase, done)
             results[phase] = self._evaluate(model, val_ds)
-        self.watchdog.disarm()
         return self._finish(model, ds, results)
 
     def _calibration_sample(self, split: data.Split, n: int = 64) -> "np.ndarray":
@@ -352,13 +360,16 @@ class Trainer:
         callbacks: list[tf.keras.callbacks.Callback] = [
             backup,
             Progress(self, phase, steps),
-            faults.fault_callback(self.watchdog, self.termination, backup.backup_now, agree=self.agree),
+            # Multi-worker: the SIGTERM agreement is an all-reduce (~3.5 ms on loopback), so not every batch.
+            faults.fault_callback(self.watchdog, self.termination, backup.backup_now, agree=self.agree,
+                                  check_every_batches=10 if self.ctx.spec.num_workers > 1 else 1),
         ]
         if self.ctx.is_chief:
             callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(LOGS, phase)), update_freq="epoch"))
             if storage.is_remote(self.cfg.output or ""):
                 callbacks.append(FileSync(self.mirror, self.cfg.runtime.log_sync_s))
-        self.watchdog.arm()
+        # The fault callback arms the watchdog for fit and disarms it when fit returns; when fit raises
+        # it stays armed, so an exit that hangs on a broken collective is still bounded.
         try:
             model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
                       steps_per_epoch=steps if self.cfg.train.steps_per_epoch else None,
@@ -369,8 +380,6 @@ class Trainer:
                     f"phase {phase}: the cluster broke ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                     f"restart all workers with the same command to resume from the last backup") from exc
             raise
-        finally:
-            self.watchdog.disarm()
 
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
         # Every worker saves (reading mirrored BatchNorm statistics is a collective); non-chiefs to a temp dir.
@@ -392,6 +401,9 @@ class Trainer:
             test_ds = data.eval_pipeline(ds.test, global_batch=self.ctx.global_batch, num_workers=workers)
             out = model.evaluate(test_ds, return_dict=True, verbose=0)
             test_metrics = {f"test_{k}": float(v) for k, v in out.items()}
+        # Every worker logs it (reading the weights is a collective, so all do it here): equal digests
+        # prove the replicas stayed in sync.
+        log.info("final weights digest: %s", weights_digest(model))
         model_dir = self._write_dir(export.MODEL_DIR)
         export.export_model(model, model_dir)
         self._cleanup_worker_dir(model_dir, export.MODEL_DIR)

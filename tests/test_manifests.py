@@ -1,0 +1,513 @@
+"""The Kubernetes manifests: the checked-in set is the renderer's default output, and every rendering
+validates against Kubernetes' own schemas (kubernetes-validate --strict), passes checkov, and keeps
+the contracts the program relies on (worker count, addresses, exit codes, hardening)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tljob import manifests, storage
+from tljob.cluster import host_addresses
+from tljob.config import load_config
+from tljob.errors import EXIT_CONFIG, EXIT_DATA, EXIT_RETRYABLE, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED_IN = ROOT / "manifests"
+TLJOB = Path(sys.executable).parent / "tljob"
+# The oldest Kubernetes the manifests promise to work on, and the newest with schemas installed.
+K8S_VERSIONS = ("1.31", "1.37")
+WORKER_COUNTS = (1, 2, 4, 8)
+CHECKOV = Path(os.environ.get("TLJOB_CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
+
+
+def render(tmp_path: Path, **overrides: Any) -> dict[str, dict[str, Any]]:
+    """Renders into tmp_path (defaults unless overridden); relative path -> parsed object."""
+    args = {"workers": 2, "gpus_per_worker": 1, "image": None, "output": None, "namespace": None,
+            "config_path": None, **overrides}
+    written = manifests.render_to_dir(str(tmp_path), **args)
+    return {str(Path(p).relative_to(tmp_path)): yaml.safe_load(Path(p).read_text()) for p in written}
+
+
+def load_dir(folder: Path) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(folder)): yaml.safe_load(p.read_text()) for p in sorted(folder.rglob("*.yaml"))}
+
+
+def pod_templates(objs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod template, by file: the Job's, and those embedded in the JobSet and the TFJob."""
+    return {
+        "job.yaml": objs["job.yaml"]["spec"]["template"],
+        "jobset/jobset.yaml": objs["jobset/jobset.yaml"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"],
+        "tfjob/tfjob.yaml": objs["tfjob/tfjob.yaml"]["spec"]["tfReplicaSpecs"]["Worker"]["template"],
+    }
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0].get("env", [])}
+
+
+def crd_templates_as_core_objects(objs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The CRDs' embedded templates as core Jobs, metadata kept.
+
+    kubernetes-validate has no schemas for JobSet or TFJob, and checkov skips them; their Job and pod
+    templates are core Kubernetes types, so they are validated and scanned as such. The TFJob's pod
+    template goes into a bare Job: its pods are batch pods (checkov would judge a PodTemplate as a
+    long-running service and ask for probes).
+    """
+    jobset, tfjob = objs["jobset/jobset.yaml"], objs["tfjob/tfjob.yaml"]
+    return [
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": copy.deepcopy(jobset["metadata"]),
+         "spec": jobset["spec"]["replicatedJobs"][0]["template"]["spec"]},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": copy.deepcopy(tfjob["metadata"]),
+         "spec": {"template": tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]}},
+    ]
+
+
+# --- the checked-in set --------------------------------------------------------------------------------
+
+
+def test_checked_in_manifests_are_the_default_rendering(tmp_path: Path) -> None:
+    """Byte for byte, through the real command line (its defaults are the checked-in set's)."""
+    out = tmp_path / "out"
+    result = subprocess.run([str(TLJOB), "manifests", "-o", str(out)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rendered = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    checked_in = {str(p.relative_to(CHECKED_IN)): p.read_bytes() for p in sorted(CHECKED_IN.rglob("*")) if p.is_file()}
+    assert sorted(rendered) == sorted(checked_in), "file sets differ: run `tljob manifests -o manifests`"
+    stale = [name for name in rendered if rendered[name] != checked_in[name]]
+    assert not stale, f"{stale} differ from the renderer's output: run `tljob manifests -o manifests`"
+
+
+def test_flat_folder_has_no_kustomization_and_variants_sit_in_subfolders() -> None:
+    flat = sorted(p.name for p in CHECKED_IN.glob("*.yaml"))
+    assert flat == ["configmap.yaml", "job.yaml", "networkpolicy.yaml", "service.yaml", "serviceaccount.yaml"]
+    assert not list(CHECKED_IN.rglob("kustomization.y*ml"))
+    assert sorted(str(p.relative_to(CHECKED_IN)) for p in CHECKED_IN.glob("*/*.yaml")) == [
+        "jobset/jobset.yaml", "tfjob/tfjob.yaml"]
+
+
+def test_every_file_starts_with_a_purpose_line_and_holds_one_object() -> None:
+    for path in sorted(CHECKED_IN.rglob("*.yaml")):
+        text = path.read_text()
+        first = text.splitlines()[0]
+        assert first.startswith("# ") and len(first) > 20, f"{path}: first line is not a purpose line: {first!r}"
+        assert len([d for d in yaml.safe_load_all(text) if d]) == 1, path
+
+
+def test_non_obvious_fields_carry_their_reason() -> None:
+    """Spot checks that the reasons land above the fields they explain."""
+    job = (CHECKED_IN / "job.yaml").read_text().splitlines()
+    for field in ("completions:", "parallelism:", "backoffLimitPerIndex:", "podReplacementPolicy:",
+                  "restartPolicy: Never", "subdomain:", "automountServiceAccountToken:", "readOnlyRootFilesystem:"):
+        line = next(i for i, text in enumerate(job) if text.strip().startswith(field))
+        assert job[line - 1].strip().startswith("# "), f"job.yaml: {field} has no reason above it"
+
+
+# --- schemas ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_checked_in_core_objects_validate_strictly(version: str) -> None:
+    objs = load_dir(CHECKED_IN)
+    core = [obj for name, obj in objs.items() if "/" not in name] + crd_templates_as_core_objects(objs)
+    for obj in core:
+        assert kubernetes_validate.validate(obj, version, strict=True) == version, obj["kind"]
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+def test_rendered_sets_validate_strictly(tmp_path: Path, workers: int) -> None:
+    objs = render(tmp_path, workers=workers)
+    core = [obj for name, obj in objs.items() if "/" not in name] + crd_templates_as_core_objects(objs)
+    for version in K8S_VERSIONS:
+        for obj in core:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_strict_validation_catches_a_misspelled_field() -> None:
+    """The check above can fail: a field the API does not know is rejected."""
+    job = copy.deepcopy(load_dir(CHECKED_IN)["job.yaml"])
+    job["spec"]["backoffLimitPerIndx"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSIONS[0], strict=True)
+
+
+def test_crd_variants_have_the_fields_their_apis_define() -> None:
+    """Shape checks from the JobSet (v1alpha2) and TFJob (kubeflow.org/v1) types, which have no schema here."""
+    objs = load_dir(CHECKED_IN)
+    jobset = objs["jobset/jobset.yaml"]
+    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    assert set(jobset["spec"]) <= {"replicatedJobs", "network", "successPolicy", "failurePolicy", "startupPolicy",
+                                   "suspend", "coordinator", "managedBy", "ttlSecondsAfterFinished"}
+    assert set(jobset["spec"]["failurePolicy"]) <= {"maxRestarts", "restartStrategy", "rules"}
+    for rule in jobset["spec"]["failurePolicy"]["rules"]:
+        assert set(rule) <= {"name", "action", "onJobFailureReasons", "onJobFailureMessagePatterns",
+                             "targetReplicatedJobs"} and {"name", "action"} <= set(rule)
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert set(replicated) <= {"name", "groupName", "template", "replicas", "dependsOn"}
+    # JobSet restarts everything when a child Job fails, so a failed pod must fail its Job at once.
+    assert replicated["template"]["spec"]["backoffLimit"] == 0
+
+    tfjob = objs["tfjob/tfjob.yaml"]
+    assert (tfjob["apiVersion"], tfjob["kind"]) == ("kubeflow.org/v1", "TFJob")
+    assert set(tfjob["spec"]) <= {"runPolicy", "tfReplicaSpecs", "successPolicy", "enableDynamicWorker"}
+    assert set(tfjob["spec"]["runPolicy"]) <= {"cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
+                                               "backoffLimit", "schedulingPolicy", "suspend", "managedBy"}
+    assert set(tfjob["spec"]["tfReplicaSpecs"]) == {"Worker"}
+    worker = tfjob["spec"]["tfReplicaSpecs"]["Worker"]
+    assert set(worker) <= {"replicas", "template", "restartPolicy"}
+    assert worker["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode")
+    container = worker["template"]["spec"]["containers"][0]
+    assert container["name"] == "tensorflow" and container["ports"][0]["name"] == "tfjob-port"
+
+
+# --- contracts with the program -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+def test_worker_count_is_the_same_everywhere(tmp_path: Path, workers: int) -> None:
+    objs = render(tmp_path, workers=workers)
+    spec = objs["job.yaml"]["spec"]
+    assert spec["completions"] == spec["parallelism"] == int(env_of(spec["template"])["TLJOB_NUM_WORKERS"]) == workers
+    assert spec["backoffLimit"] == workers * spec["backoffLimitPerIndex"]
+    rjob = objs["jobset/jobset.yaml"]["spec"]["replicatedJobs"][0]
+    assert rjob["replicas"] == 1
+    job_spec = rjob["template"]["spec"]
+    assert job_spec["completions"] == job_spec["parallelism"] == int(env_of(job_spec["template"])["TLJOB_NUM_WORKERS"])
+    assert job_spec["completions"] == workers
+    assert objs["tfjob/tfjob.yaml"]["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == workers
+    assert "TLJOB_NUM_WORKERS" not in env_of(pod_templates(objs)["tfjob/tfjob.yaml"])  # TF_CONFIG says it there
+
+
+def test_worker_addresses_are_the_pods_dns_names() -> None:
+    """tljob.cluster turns the manifest's pattern into <job>-<index>.<headless service>:<port>."""
+    objs = load_dir(CHECKED_IN)
+    job, service = objs["job.yaml"], objs["service.yaml"]
+    env = env_of(job["spec"]["template"])
+    port = int(env["TLJOB_PORT"])
+    addresses = host_addresses(env["TLJOB_HOST_PATTERN"], int(env["TLJOB_NUM_WORKERS"]), port)
+    name, subdomain = job["metadata"]["name"], job["spec"]["template"]["spec"]["subdomain"]
+    assert addresses == [f"{name}-{i}.{subdomain}:{port}" for i in range(job["spec"]["completions"])]
+    assert subdomain == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == port
+    assert job["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == port
+    # JobSet names its pods <jobset>-<replicated job>-<job index>-<pod index> in a Service named after it.
+    jobset = objs["jobset/jobset.yaml"]
+    pattern = env_of(pod_templates(objs)["jobset/jobset.yaml"])["TLJOB_HOST_PATTERN"]
+    rjob = jobset["spec"]["replicatedJobs"][0]["name"]
+    name = jobset["metadata"]["name"]
+    assert host_addresses(pattern, 2, port)[1] == f"{name}-{rjob}-0-1.{name}:{port}"
+
+
+def test_network_policy_admits_only_the_job_pods_on_the_worker_port() -> None:
+    objs = load_dir(CHECKED_IN)
+    policy, job = objs["networkpolicy.yaml"], objs["job.yaml"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    own = policy["spec"]["podSelector"]["matchLabels"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [own]
+    assert rule["ports"] == [{"protocol": "TCP", "port": int(env_of(job["spec"]["template"])["TLJOB_PORT"])}]
+
+
+def test_failure_policy_follows_the_exit_codes() -> None:
+    spec = load_dir(CHECKED_IN)["job.yaml"]["spec"]
+    container = spec["template"]["spec"]["containers"][0]["name"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In",
+                                                              "values": [EXIT_CONFIG, EXIT_DATA]}}
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[2]["action"] == "Count" and rules[2]["onExitCodes"]["values"] == [EXIT_RETRYABLE]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    assert spec["completionMode"] == "Indexed" and spec["maxFailedIndexes"] == 0
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+    jobset = load_dir(CHECKED_IN)["jobset/jobset.yaml"]
+    assert jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["podFailurePolicy"]["rules"][0] == rules[0]
+
+
+@pytest.mark.parametrize("name", ["job.yaml", "jobset/jobset.yaml", "tfjob/tfjob.yaml"])
+def test_pods_are_hardened(name: str) -> None:
+    pod = pod_templates(load_dir(CHECKED_IN))[name]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 10000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    env = env_of({"spec": pod})
+    assert env["PYTHONUNBUFFERED"] == "1"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts[env["TLJOB__RUNTIME__STAGING_DIR"]]]
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # the image's HOME and workdir
+    assert container["args"] == ["train", "--config", "/etc/tljob/job.yaml"]
+    assert volumes[mounts["/etc/tljob"]]["configMap"]["name"] == "tljob-config"
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert limits["nvidia.com/gpu"] == "1" and requests["cpu"] == limits["cpu"]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["serviceAccountName"] == "tljob"
+
+
+def test_cpu_only_workers_ask_for_no_gpu_nodes(tmp_path: Path) -> None:
+    pod = render(tmp_path, gpus_per_worker=0)["job.yaml"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert "tolerations" not in pod and "affinity" not in pod
+
+
+def test_gpus_scale_the_worker_resources(tmp_path: Path) -> None:
+    pod = render(tmp_path, gpus_per_worker=4)["job.yaml"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "4"
+    assert int(resources["limits"]["cpu"]) == 4 * manifests.CPU_PER_GPU
+
+
+def test_service_account_is_for_workload_identity() -> None:
+    account = load_dir(CHECKED_IN)["serviceaccount.yaml"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    assert account["automountServiceAccountToken"] is False
+
+
+def test_config_map_holds_the_recipe_with_the_output(tmp_path: Path) -> None:
+    text = load_dir(CHECKED_IN)["configmap.yaml"]["data"]["job.yaml"]
+    assert "# The TensorFlow transfer-learning tutorial's recipe" in text  # the recipe's comments are kept
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    cfg = load_config(path, environ={})
+    recipe = load_config(ROOT / "job" / "cats_vs_dogs.yaml", [f"output={manifests.DEFAULT_OUTPUT}"], environ={})
+    assert cfg == recipe and cfg.output.startswith("gs://")
+
+
+def test_other_config_output_and_namespace(tmp_path: Path) -> None:
+    objs = render(tmp_path, config_path=str(ROOT / "job" / "dry_run.yaml"), output="gs://bkt/runs/x", namespace="ml")
+    (tmp_path / "c.yaml").write_text(objs["configmap.yaml"]["data"]["job.yaml"])
+    cfg = load_config(tmp_path / "c.yaml", environ={})
+    assert (cfg.name, cfg.output) == ("dry_run", "gs://bkt/runs/x")
+    assert {obj["metadata"]["namespace"] for obj in objs.values()} == {"ml"}
+    # With a namespace the default-namespace check needs no skip.
+    assert "CKV_K8S_21" not in json.dumps([obj["metadata"].get("annotations", {}) for obj in objs.values()])
+
+
+def test_set_output_replaces_or_adds_the_line() -> None:
+    assert manifests.set_output("a: 1\noutput: null  # x\nb: 2\n", "gs://b/r").splitlines()[1].startswith(
+        'output: "gs://b/r"')
+    added = manifests.set_output("a: 1\n", "gs://b/r")
+    assert yaml.safe_load(added) == {"a": 1, "output": "gs://b/r"}
+    nested = manifests.set_output("data:\n  output: keep\n", "gs://b/r")
+    assert yaml.safe_load(nested) == {"data": {"output": "keep"}, "output": "gs://b/r"}
+
+
+def test_yaml_writer_round_trips_awkward_values() -> None:
+    obj = {"a": {"b": ["x", {"name": "n", "v": "1"}, []], "c": {}}, "t": "line 1\n  line 2\n", "q": "yes",
+           "s": "a: b", "e": "tab\tin\nit"}
+    text = manifests.to_yaml(obj, "purpose", {"a.b[n]": "why"})
+    assert yaml.safe_load(text) == obj
+    assert "  # why\n  - name: n" in text
+
+
+# --- input validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "flag"), [
+    ({"workers": 0}, "--workers"),
+    ({"gpus_per_worker": -1}, "--gpus-per-worker"),
+    ({"image": "us-docker.pkg.dev/p/r/tljob"}, "--image"),
+    ({"image": "us-docker.pkg.dev/p/r/tljob:latest"}, "--image"),
+    ({"image": "tljob@sha256:abc"}, "--image"),
+    ({"image": "Bad Image:1"}, "--image"),
+    ({"output": "/data/runs/x"}, "--output"),
+    ({"output": "gs://"}, "--output"),
+    ({"namespace": "Not_A_Namespace"}, "--namespace"),
+    ({"config_path": "/no/such/job.yaml"}, "--config"),
+])
+def test_bad_inputs_name_the_flag(tmp_path: Path, overrides: dict[str, Any], flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        render(tmp_path, **overrides)
+    assert not list(tmp_path.iterdir()), "nothing is written when an input is bad"
+
+
+@pytest.mark.parametrize("image", ["registry.example:5000/team/tljob:1.2.3",
+                                   "tljob@sha256:" + "a" * 64, "us-docker.pkg.dev/p/r/tljob:0.1.0@sha256:" + "0" * 64])
+def test_pinned_images_are_accepted(image: str) -> None:
+    manifests.check_image(image)
+
+
+def test_bad_config_key_fails_before_rendering(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  sourse: tfds\n")
+    with pytest.raises(ConfigError, match="sourse"):
+        render(tmp_path / "out", config_path=str(bad))
+
+
+def test_cli_bad_flag_exits_with_the_config_code(tmp_path: Path) -> None:
+    result = subprocess.run([str(TLJOB), "manifests", "--workers", "0", "-o", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_CONFIG and "--workers 0" in result.stderr
+
+
+# --- checkov ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CHECKOV.is_file(), reason=f"checkov not installed at {CHECKOV} (set TLJOB_CHECKOV; "
+                    "python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov)")
+def test_checkov_passes_with_only_justified_skips(tmp_path: Path) -> None:
+    scan = tmp_path / "scan"
+    shutil.copytree(CHECKED_IN, scan)
+    # checkov knows neither JobSet nor TFJob: their templates are scanned as the core objects they are.
+    for i, obj in enumerate(crd_templates_as_core_objects(load_dir(CHECKED_IN))):
+        (scan / f"crd-template-{i}.yaml").write_text(yaml.safe_dump(obj))
+    result = subprocess.run([str(CHECKOV), "-d", str(scan), "--framework", "kubernetes", "--skip-download",
+                             "--output", "json"], capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout)
+    summary = report["summary"]
+    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+    assert result.returncode == 0 and summary["failed"] == 0, failed
+    assert summary["passed"] > 50 and summary["resource_count"] >= 7
+    for check in report["results"]["skipped_checks"]:
+        assert len(check["check_result"].get("suppress_comment", "")) > 20, f"{check['check_id']}: no reason"
+
+
+# --- the pods, played by local processes -----------------------------------------------------------------
+
+
+class JobController:
+    """Plays an Indexed Job's pods as local processes: each pod runs the container's command, args and env
+    exactly as the rendered Job states them; its volumes are fresh folders (the paths under a mount
+    point are moved there) and its DNS names are 127.0.0.1 ports. Exits are handled as the Job's
+    podFailurePolicy and backoffLimitPerIndex say."""
+
+    def __init__(self, job: dict[str, Any], config_text: str, tmp: Path, base_env: dict[str, str], port: int):
+        self.spec = job["spec"]
+        self.pod = self.spec["template"]["spec"]
+        (self.container,) = self.pod["containers"]
+        self.config_text, self.tmp, self.base_env, self.port = config_text, tmp, base_env, port
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.failures = dict.fromkeys(range(self.spec["completions"]), 0)
+        self.attempts = dict.fromkeys(range(self.spec["completions"]), 0)
+        self.done: set[int] = set()
+        self.exits: list[tuple[int, int, str]] = []  # (index, exit code, policy action), in order
+
+    def _volumes(self, index: int) -> dict[str, Path]:
+        """mount path -> this pod's folder for it; the ConfigMap's file is written into its volume."""
+        pod_dir = self.tmp / f"pod-{index}-attempt-{self.attempts[index]}"
+        folders = {m["mountPath"]: pod_dir / m["name"] for m in self.container["volumeMounts"]}
+        for folder in folders.values():
+            folder.mkdir(parents=True)
+        (folders["/etc/tljob"] / "job.yaml").write_text(self.config_text)
+        return folders
+
+    def start(self, index: int) -> None:
+        self.attempts[index] += 1
+        folders = self._volumes(index)
+
+        def local(value: str) -> str:
+            for mount, folder in folders.items():
+                if value == mount or value.startswith(mount + "/"):
+                    return str(folder) + value[len(mount):]
+            return value
+
+        env = {e["name"]: local(e["value"]) for e in self.container["env"]}
+        env.update({
+            # Set by Kubernetes for an Indexed Job's pod.
+            "JOB_COMPLETION_INDEX": str(index),
+            # The pods' DNS names, played by local ports.
+            "TLJOB_HOST_PATTERN": "127.0.0.1:{index_port}", "TLJOB_PORT": str(self.port),
+            # The image's ENV (HOME=/tmp), on this pod's /tmp volume; TMPDIR plays /tmp itself.
+            "HOME": str(folders["/tmp"]), "TMPDIR": str(folders["/tmp"]),
+            **self.base_env,
+        })
+        command = [str(Path(sys.executable).parent / self.container["command"][0]),
+                   *self.container["command"][1:], *(local(a) for a in self.container["args"])]
+        # Left open on purpose: the child process writes to it until it ends.
+        log = open(self.tmp / f"pod-{index}-attempt-{self.attempts[index]}.log", "wb")  # noqa: SIM115
+        self.procs[index] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def action(self, exit_code: int) -> str:
+        """The first podFailurePolicy rule that matches the exit code; Count when none does."""
+        for rule in self.spec["podFailurePolicy"]["rules"]:
+            codes = rule.get("onExitCodes")
+            if codes and (exit_code in codes["values"]) == (codes["operator"] == "In"):
+                return rule["action"]
+        return "Count"
+
+    def run(self, deadline_s: float, on_tick: Any = None) -> None:
+        """Until every index has succeeded; fails the test when the Job would fail."""
+        for index in self.failures:
+            self.start(index)
+        deadline = time.monotonic() + deadline_s
+        while len(self.done) < len(self.failures):
+            assert time.monotonic() < deadline, f"the Job did not finish in {deadline_s} s: {self.logs()}"
+            if on_tick:
+                on_tick(self)
+            for index, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is None or index in self.done:
+                    continue
+                code = 128 - code if code < 0 else code  # a signal shows as 128 + its number, as in a pod
+                if code == 0:
+                    self.done.add(index)
+                    continue
+                action = self.action(code)
+                self.exits.append((index, code, action))
+                assert action != "FailJob", f"pod {index} exited {code}: the Job fails. {self.logs()}"
+                if action == "Count":
+                    self.failures[index] += 1
+                    assert self.failures[index] <= self.spec["backoffLimitPerIndex"], (
+                        f"index {index} is out of restarts: the Job fails. {self.logs()}")
+                self.start(index)
+            time.sleep(0.2)
+
+    def kill(self, index: int) -> None:
+        self.procs[index].send_signal(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.tmp.glob("pod-*.log")))
+
+
+@pytest.mark.multiworker
+def test_the_pods_as_the_job_runs_them(tmp_path: Path, gcs_bucket: str) -> None:
+    """Two pods from the rendered Job, on the dry-run config and a gs:// output; one pod is killed
+    after the first epoch, the Job's policies restart the pods, and the run still publishes."""
+    from fixtures_gcs import free_port
+
+    small = yaml.safe_load((ROOT / "job" / "dry_run.yaml").read_text())
+    small["data"]["synthetic"].update(train_examples=128, validation_examples=32, test_examples=32)
+    small["train"]["feature_extraction"]["epochs"] = 1
+    small["train"]["fine_tuning"]["epochs"] = 1
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(small))
+    output = f"{gcs_bucket}/runs/pods"
+    objs = render(tmp_path / "manifests", workers=2, config_path=str(config), output=output)
+    base_env = {"PATH": os.environ["PATH"], "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}
+    controller = JobController(objs["job.yaml"], objs["configmap.yaml"]["data"]["job.yaml"],
+                               tmp_path / "pods", base_env, port=free_port())
+    (tmp_path / "pods").mkdir()
+    killed: list[int] = []
+
+    def kill_after_first_epoch(c: JobController) -> None:
+        if not killed and storage.exists(f"{output}/status.json"):
+            c.kill(1)
+            killed.append(1)
+
+    controller.run(deadline_s=400, on_tick=kill_after_first_epoch)
+    assert killed, "the run finished before the first status.json: nothing was killed"
+    assert storage.is_finished(output), controller.logs()
+    assert controller.exits[0][:2] == (1, 128 + signal.SIGKILL), controller.exits
+    assert controller.attempts[0] >= 2 and controller.attempts[1] >= 2, f"both pods restart: {controller.exits}"
+    status = json.loads(storage.read_text(f"{output}/status.json"))
+    assert status["state"] == "succeeded" and status["num_workers"] == 2

@@ -1,0 +1,238 @@
+"""Multi-worker runs: real `tljob train` processes on 127.0.0.1, each with its own cluster environment.
+
+The same command on every worker, as pods would run it; faults are real signals to real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tljob.errors import EXIT_OK, EXIT_RETRYABLE
+
+pytestmark = pytest.mark.multiworker
+
+ROOT = Path(__file__).resolve().parents[1]
+DRY_RUN = str(ROOT / "job" / "dry_run.yaml")
+# Small enough that 2-3 workers on 2 cores finish quickly; still two phases, validation and test.
+SHORT = ("--set", "data.image_size=32", "--set", "data.synthetic.train_examples=128", "--set", "data.synthetic.validation_examples=32",
+         "--set", "data.synthetic.test_examples=32")
+BOUND_S = 60  # the issue's bound for survivors to exit after a peer dies or freezes
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def consecutive_free_ports(n: int) -> int:
+    """A base port with base..base+n-1 free (for the {index_port} host pattern)."""
+    for _ in range(50):
+        base = free_ports(1)[0]
+        if base + n > 65535:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no consecutive free ports")
+
+
+def tf_config_envs(n: int) -> list[dict[str, str]]:
+    hosts = [f"127.0.0.1:{p}" for p in free_ports(n)]
+    return [{"TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}})}
+            for i in range(n)]
+
+
+def indexed_job_envs(n: int) -> list[dict[str, str]]:
+    base = consecutive_free_ports(n)
+    return [{"JOB_COMPLETION_INDEX": str(i), "TLJOB_NUM_WORKERS": str(n),
+             "TLJOB_HOST_PATTERN": "127.0.0.1:{index_port}", "TLJOB_PORT": str(base)} for i in range(n)]
+
+
+class Workers:
+    """N worker processes of one run; logs go to files so a full pipe never blocks a worker."""
+
+    def __init__(self, tmp: Path, envs: list[dict[str, str]], args: tuple[str, ...]):
+        self.tmp, self.envs, self.args = tmp, envs, args
+        self.procs: list[subprocess.Popen] = []
+        self.attempt = 0
+
+    def start(self) -> "Workers":
+        self.attempt += 1
+        self.procs = []
+        for i, extra in enumerate(self.envs):
+            scratch = self.tmp / f"tmp-{i}"
+            scratch.mkdir(exist_ok=True)
+            env = {**os.environ, **extra, "TMPDIR": str(scratch), "PYTHONUNBUFFERED": "1"}
+            env.pop("TF_CONFIG", None) if "TF_CONFIG" not in extra else None
+            log = open(self.tmp / f"worker-{i}-attempt-{self.attempt}.log", "w")
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "tljob.cli", *self.args], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT))
+        return self
+
+    def wait(self, timeout: float = 240) -> list[int]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=max(deadline - time.monotonic(), 1)))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"workers did not finish: {self.logs()[-4000:]}")
+        return codes
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+
+    def log(self, i: int, attempt: int | None = None) -> str:
+        return (self.tmp / f"worker-{i}-attempt-{attempt or self.attempt}.log").read_text()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- worker {i}\n{self.log(i)[-3000:]}" for i in range(len(self.procs)))
+
+
+def history(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "history.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def wait_until(pred, workers: Workers, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if any(p.poll() is not None for p in workers.procs):
+            raise AssertionError(f"a worker ended early: {workers.logs()}")
+        time.sleep(0.05)
+    workers.kill()
+    raise AssertionError(f"timed out: {workers.logs()}")
+
+
+def digests(workers: Workers) -> list[str]:
+    return [re.search(r"final weights digest: (\w+)", workers.log(i)).group(1) for i in range(len(workers.procs))]
+
+
+def assert_chief_only_outputs(out: Path, workers: Workers) -> None:
+    assert (out / "_SUCCESS").is_file()
+    listed = set(json.loads((out / "_SUCCESS").read_text())["files"])
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "_SUCCESS"}
+    assert listed == on_disk, "files in the run that the chief did not publish"
+    for i in range(1, len(workers.procs)):
+        assert "the chief publishes the run" in workers.log(i)
+        leftovers = list((workers.tmp / f"tmp-{i}").glob("tljob-worker-*/*"))
+        assert not leftovers, f"worker {i} left temporary writes: {leftovers}"
+
+
+def test_two_workers_tf_config(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    workers = Workers(tmp_path, tf_config_envs(2), ("train", "--config", DRY_RUN, "--output", str(out), *SHORT)).start()
+    assert workers.wait() == [EXIT_OK, EXIT_OK], workers.logs()
+    d = digests(workers)
+    assert d[0] == d[1], "final weights differ between workers"
+    assert_chief_only_outputs(out, workers)
+    hist = history(out)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
+    assert all(h["global_batch_size"] == 32 and h["replicas"] == 2 and h["num_workers"] == 2 for h in hist)
+    assert "workers=2 replicas=2 chief=True global_batch=32" in workers.log(0)
+    assert "cluster from tf_config" in workers.log(1)
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["num_workers"] == 2 and metadata["global_batch_size"] == 32
+
+
+def test_three_workers(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT,
+            "--set", "train.feature_extraction.epochs=1", "--set", "train.fine_tuning.epochs=1",
+            "--set", "data.batch_size=8")
+    workers = Workers(tmp_path, tf_config_envs(3), args).start()
+    assert workers.wait() == [EXIT_OK] * 3, workers.logs()
+    assert len(set(digests(workers))) == 1
+    assert_chief_only_outputs(out, workers)
+    assert all(h["global_batch_size"] == 24 for h in history(out))
+
+
+def test_indexed_job_sigkill_in_phase_2_then_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT,
+            "--set", "train.feature_extraction.epochs=2", "--set", "train.fine_tuning.epochs=4")
+    workers = Workers(tmp_path, indexed_job_envs(2), args).start()
+    wait_until(lambda: any(h["phase"] == "fine_tuning" for h in history(out)), workers)
+    assert "cluster from indexed_job" in workers.log(0)
+    workers.procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    code = workers.procs[0].wait(timeout=BOUND_S + 30)
+    assert time.monotonic() - killed < BOUND_S, "the survivor took too long to exit"
+    assert code == EXIT_RETRYABLE, workers.log(0)[-3000:]
+    last_backed_up = max(h["epoch"] for h in history(out))
+    assert last_backed_up < 6 and not (out / "_SUCCESS").exists()
+    # Kubernetes restarts the pods with the same command; they re-form the cluster from the backup.
+    assert workers.start().wait() == [EXIT_OK, EXIT_OK], workers.logs()
+    hist = history(out)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    assert [h["attempt"] for h in hist if h["phase"] == "feature_extraction"] == [1, 1], "phase 1 was repeated"
+    resumed = [h["epoch"] for h in hist if h["attempt"] == 2]
+    assert resumed[0] == last_backed_up + 1
+    assert "phase feature_extraction already finished" in workers.log(0)
+    assert len(set(digests(workers))) == 1
+
+
+def test_frozen_peer_makes_survivor_exit_in_bound(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT, "--set", "train.feature_extraction.epochs=30")
+    workers = Workers(tmp_path, tf_config_envs(2), args).start()
+    try:
+        wait_until(lambda: len(history(out)) >= 1, workers)
+        workers.procs[1].send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        code = workers.procs[0].wait(timeout=BOUND_S + 30)
+        assert time.monotonic() - frozen < BOUND_S
+        assert code == EXIT_RETRYABLE, workers.log(0)[-3000:]
+    finally:
+        workers.kill()
+
+
+def test_sigterm_to_chief_saves_backup_and_exits_retryable(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT, "--set", "train.feature_extraction.epochs=30")
+    workers = Workers(tmp_path, tf_config_envs(2), args).start()
+    try:
+        wait_until(lambda: len(history(out)) >= 2, workers)
+        before = {p: p.stat().st_mtime_ns for p in (out / "backup").rglob("*") if p.is_file()}
+        workers.procs[0].send_signal(signal.SIGTERM)
+        codes = workers.wait(timeout=BOUND_S)
+    finally:
+        workers.kill()
+    assert codes == [EXIT_RETRYABLE, EXIT_RETRYABLE], workers.logs()
+    assert "termination requested" in workers.log(0)
+    after = {p: p.stat().st_mtime_ns for p in (out / "backup").rglob("*") if p.is_file()}
+    assert any(after.get(p) != before.get(p) for p in after), "no new backup was written"
+    assert not (out / "_SUCCESS").exists()
