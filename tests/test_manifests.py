@@ -312,6 +312,13 @@ def test_set_output_replaces_or_adds_the_line() -> None:
     assert yaml.safe_load(nested) == {"data": {"output": "keep"}, "output": "gs://b/r"}
 
 
+def test_multi_line_output_in_the_config_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text("name: x\noutput:\n  gs://a/b\n")
+    with pytest.raises(ConfigError, match="--config .* spans several lines"):
+        render(tmp_path / "out", config_path=str(config))
+
+
 def test_yaml_writer_round_trips_awkward_values() -> None:
     obj = {"a": {"b": ["x", {"name": "n", "v": "1"}, []], "c": {}}, "t": "line 1\n  line 2\n", "q": "yes",
            "s": "a: b", "e": "tab\tin\nit"}

@@ -91,11 +91,7 @@ def metadata(*, class_names: list[str], image_size: int, config_digest: str, num
 
 
 def export_model(model: Any, model_dir: Path) -> None:
-    """`.keras` for Keras users and a SavedModel ("serve" signature) for TF Serving / Vertex.
-
-    Runs on every worker: reading mirrored BatchNorm statistics is a collective, so non-chief workers
-    export too, into a temporary directory that the caller removes.
-    """
+    """`.keras` for Keras users and a SavedModel ("serve" signature) for TF Serving / Vertex."""
     if model_dir.exists():
         shutil.rmtree(model_dir)  # a retried export must not mix two attempts' files
     model_dir.mkdir(parents=True)

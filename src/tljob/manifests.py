@@ -176,10 +176,21 @@ def config_map_text(config_path: Path, output: str) -> str:
     """The ConfigMap's job.yaml: the file's text (comments kept) with `output:` set, validated as a job config."""
     if not config_path.is_file():
         raise ConfigError(f"--config {config_path}: no such file. Fix: pass a job YAML such as {DEFAULT_CONFIG}.")
-    text = set_output(config_path.read_text(), output)
     # The same validation the pods run, so a bad key fails here rather than in every pod.
     load_config(config_path, [f"output={output}"], environ={})
+    original = config_path.read_text()
+    text = set_output(original, output)
+    if not _only_output_differs(original, text, output):
+        raise ConfigError(f"--config {config_path}: its top-level `output:` spans several lines, so it cannot be "
+                          f"replaced. Fix: write it on one line, e.g. `output: null`.")
     return text
+
+
+def _only_output_differs(original: str, text: str, output: str) -> bool:
+    try:
+        return bool(yaml.safe_load(text) == {**(yaml.safe_load(original) or {}), "output": output})
+    except yaml.YAMLError:
+        return False  # the line replaced was the first of a multi-line value
 
 
 def build_spec(

@@ -7,6 +7,7 @@ phases (the model, and each phase's optimizer through ``compile``).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -29,18 +30,29 @@ def trainable_base_layers(depth: int, fine_tune_at: int) -> int:
     return max(depth - fine_tune_at, 0)
 
 
-def resolve_weights(weights: str, cache_dir: str) -> str | None:
-    """imagenet -> Keras' own file (downloaded once, or baked into the image); none -> random; else a local .h5."""
+def imagenet_weights_file(alpha: float, image_size: int) -> str:
+    """The file tf-keras downloads for MobileNetV2(include_top=False, weights="imagenet")."""
+    rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
+
+
+def resolve_weights(weights: str, cache_dir: str, *, alpha: float, image_size: int) -> str | None:
+    """imagenet -> the copy baked into $KERAS_HOME/models if there, else Keras' own download;
+    none -> random; anything else -> a local copy of the .h5 file (staged from gs:// if needed)."""
     if weights == "none":
         return None
     if weights == "imagenet":
-        return "imagenet"
+        # tf-keras' get_file never looks in KERAS_HOME (it falls back to /tmp/.keras when ~/.keras is
+        # read-only); the container bakes the weights there, so hand Keras the file itself.
+        baked = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models" / imagenet_weights_file(
+            alpha, image_size)
+        return str(baked) if baked.is_file() else "imagenet"
     return storage.stage_input(weights, cache_dir)
 
 
 def build_model(cfg: ModelConfig, *, image_size: int, num_classes: int, cache_dir: str) -> tf.keras.Model:
     """Input (float 0..255) -> preprocess -> MobileNetV2 (training=False) -> GAP -> Dropout -> Dense."""
-    weights = resolve_weights(cfg.weights, cache_dir)
+    weights = resolve_weights(cfg.weights, cache_dir, alpha=cfg.alpha, image_size=image_size)
     try:
         base = tf.keras.applications.MobileNetV2(
             input_shape=(image_size, image_size, 3), include_top=False, weights=weights, alpha=cfg.alpha

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from tljob import storage
 from tljob.errors import EXIT_OK, ConfigError, RetryableError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the client is imported only for --k8s: plain `tljob status` answers faster without it
+    from kubernetes import client as k8s
 
 # Written by the trainer's chief (tljob.export.STATUS); not imported from there, as export loads matplotlib.
 STATUS_FILE = "status.json"
@@ -124,7 +124,7 @@ def _when(value: Any, now: dt.datetime) -> str:
 # --- Kubernetes ---------------------------------------------------------------------------------------
 
 
-def kube_configuration(environ: Mapping[str, str]) -> Any:
+def kube_configuration(environ: Mapping[str, str]) -> k8s.Configuration:
     """A client Configuration from the kubeconfig or the in-cluster account; ConfigError when there is neither."""
     from kubernetes import client, config
 
@@ -148,7 +148,7 @@ def kube_configuration(environ: Mapping[str, str]) -> Any:
     )
 
 
-def fetch_job(configuration: Any, job_name: str, namespace: str) -> tuple[Any, list[Any]]:
+def fetch_job(configuration: k8s.Configuration, job_name: str, namespace: str) -> tuple[k8s.V1Job, list[k8s.V1Pod]]:
     """The Job and its pods (oldest first), with API failures mapped to the job's exit-code classes."""
     import urllib3
     from kubernetes import client
@@ -175,7 +175,7 @@ def fetch_job(configuration: Any, job_name: str, namespace: str) -> tuple[Any, l
     return job, sorted(pods, key=lambda p: (_pod_index(p), str(p.metadata.creation_timestamp or ""), p.metadata.name))
 
 
-def job_state(job: Any) -> str:
+def job_state(job: k8s.V1Job) -> str:
     """Complete / Failed (with reason) / Suspended, else Running or Pending from the active pod count."""
     for condition in (job.status.conditions or []) if job.status else []:
         if condition.status == "True" and condition.type in ("Complete", "Failed", "Suspended"):
@@ -184,12 +184,12 @@ def job_state(job: Any) -> str:
     return "Running" if job.status and job.status.active else "Pending"
 
 
-def _pod_index(pod: Any) -> int:
+def _pod_index(pod: k8s.V1Pod) -> int:
     value = (pod.metadata.annotations or {}).get(INDEX_ANNOTATION, "")
     return int(value) if value.isdigit() else -1
 
 
-def container_state(pod: Any) -> str:
+def container_state(pod: k8s.V1Pod) -> str:
     """The first container's state: running, waiting (reason) or terminated (exit code, reason)."""
     statuses = pod.status.container_statuses if pod.status else None
     if not statuses or statuses[0].state is None:
@@ -203,7 +203,7 @@ def container_state(pod: Any) -> str:
     return "running" if state.running else "-"
 
 
-def format_job(job: Any, pods: list[Any]) -> list[str]:
+def format_job(job: k8s.V1Job, pods: list[k8s.V1Pod]) -> list[str]:
     """The Kubernetes part of the report (pure: from the API's typed objects)."""
     status, spec = job.status, job.spec
     lines = [

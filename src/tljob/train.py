@@ -85,9 +85,9 @@ def eta_seconds(history: list[dict], total_epochs: int) -> float:
     return sum(h["seconds"] for h in done[-3:]) / len(done[-3:]) * max(total_epochs - history[-1]["epoch"], 0)
 
 
-def weights_digest(model: tf.keras.Model) -> str:
+def weights_digest(weights: list[np.ndarray]) -> str:
     digest_ = hashlib.sha256()
-    for w in model.get_weights():
+    for w in weights:
         digest_.update(np.ascontiguousarray(w).tobytes())
     return digest_.hexdigest()[:16]
 
@@ -125,7 +125,16 @@ def run(cfg: JobConfig) -> int:
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
              spec.task_type, spec.task_index, spec.num_workers, replicas, ctx.is_chief, ctx.global_batch,
              ctx.staging)
-    return Trainer(ctx, strategy).run()
+    try:
+        return Trainer(ctx, strategy).run()
+    except tf.errors.OpError as exc:
+        # Any collective (training step, evaluation, a checkpoint's reads) can be where a peer's
+        # death shows up; all of them mean the same thing: restart every worker from the backup.
+        if faults.is_peer_failure(exc):
+            raise RetryableError(
+                f"the cluster broke ({type(exc).__name__}: {str(exc).splitlines()[0]}); restart all workers "
+                f"with the same command to resume from the last backup") from exc
+        raise
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -319,7 +328,6 @@ class Trainer:
                                           num_classes=ds.num_classes, cache_dir=cache_dir)
             if self.cfg.model.weights == "none" and "fine_tuning" not in done:
                 model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
-        results: dict[str, dict] = {}
         for phase in PHASES:
             phase_cfg = getattr(self.cfg.train, phase)
             ckpt = self._path(CHECKPOINTS, f"{phase}.weights.h5")
@@ -333,8 +341,7 @@ class Trainer:
             self._fit_phase(model, phase, phase_cfg, ds.num_classes, train_ds, val_ds, steps)
             self._save_phase_weights(model, phase)
             self._mark_phase_done(phase, done)
-            results[phase] = self._evaluate(model, val_ds)
-        return self._finish(model, ds, results)
+        return self._finish(model, ds)
 
     def _calibration_sample(self, split: data.Split, n: int = 64) -> "np.ndarray":
         """The first n training images in the seeded shuffle order (the same on every worker)."""
@@ -370,16 +377,9 @@ class Trainer:
                 callbacks.append(FileSync(self.mirror, self.cfg.runtime.log_sync_s))
         # The fault callback arms the watchdog for fit and disarms it when fit returns; when fit raises
         # it stays armed, so an exit that hangs on a broken collective is still bounded.
-        try:
-            model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
-                      steps_per_epoch=steps if self.cfg.train.steps_per_epoch else None,
-                      validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
-        except tf.errors.OpError as exc:
-            if faults.is_peer_failure(exc):
-                raise RetryableError(
-                    f"phase {phase}: the cluster broke ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                    f"restart all workers with the same command to resume from the last backup") from exc
-            raise
+        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
+                  steps_per_epoch=steps if self.cfg.train.steps_per_epoch else None,
+                  validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
 
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
         # Every worker saves (reading mirrored BatchNorm statistics is a collective); non-chiefs to a temp dir.
@@ -388,13 +388,7 @@ class Trainer:
         model.save_weights(str(target / f"{phase}.weights.h5"))
         self._cleanup_worker_dir(target, CHECKPOINTS)
 
-    def _evaluate(self, model: tf.keras.Model, val_ds: tf.data.Dataset | None) -> dict[str, float]:
-        if val_ds is None:
-            return {}
-        out = model.evaluate(val_ds, steps=self.cfg.train.validation_steps, return_dict=True, verbose=0)
-        return {f"val_{k}": float(v) for k, v in out.items()}
-
-    def _finish(self, model: tf.keras.Model, ds: data.Dataset, results: dict[str, dict]) -> int:
+    def _finish(self, model: tf.keras.Model, ds: data.Dataset) -> int:
         workers = self.ctx.spec.num_workers
         test_metrics = {}
         if ds.test is not None:
@@ -403,21 +397,35 @@ class Trainer:
             test_metrics = {f"test_{k}": float(v) for k, v in out.items()}
         # Every worker logs it (reading the weights is a collective, so all do it here): equal digests
         # prove the replicas stayed in sync.
-        log.info("final weights digest: %s", weights_digest(model))
-        model_dir = self._write_dir(export.MODEL_DIR)
-        export.export_model(model, model_dir)
-        self._cleanup_worker_dir(model_dir, export.MODEL_DIR)
+        weights = model.get_weights()
+        log.info("final weights digest: %s", weights_digest(weights))
         if not self.ctx.is_chief:
             log.info("worker %d done; the chief publishes the run", self.ctx.spec.task_index)
             return EXIT_OK
-        self._write_final_files(ds, results, test_metrics)
+        export.export_model(self._serving_copy(ds.num_classes, weights), self._path(export.MODEL_DIR))
+        self._write_final_files(ds, test_metrics)
         # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
         storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
         listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
 
-    def _write_final_files(self, ds: data.Dataset, results: dict[str, dict], test_metrics: dict) -> None:
+    def _serving_copy(self, num_classes: int, weights: list[np.ndarray]) -> tf.keras.Model:
+        """The trained model rebuilt outside the distribution strategy, for export on the chief alone.
+
+        Saving the distributed model would make every worker trace and write a full export (its reads
+        of mirrored BatchNorm statistics are collectives); a plain copy with the same weights is saved
+        by the chief only, and loads anywhere without a strategy. It holds no training state.
+        """
+        cfg = self.cfg
+        copy = model_lib.build_model(dataclasses.replace(cfg.model, weights="none"), image_size=cfg.data.image_size,
+                                     num_classes=num_classes, cache_dir="")
+        model_lib.unfreeze_from(copy, cfg.train.fine_tuning.fine_tune_at)
+        copy.set_weights(weights)
+        model_lib.compile_for_phase(copy, cfg.train.fine_tuning, cfg.train.fine_tuning.learning_rate, num_classes)
+        return copy
+
+    def _write_final_files(self, ds: data.Dataset, test_metrics: dict) -> None:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
         shutil.rmtree(self._path(BACKUP), ignore_errors=True)
@@ -425,8 +433,8 @@ class Trainer:
         for phase in PHASES:
             recs = [h for h in self.history if h["phase"] == phase]
             if recs:
-                last = recs[-1]
-                by_phase[phase] = {k: last[k] for k in last if k.startswith("val_")} | results.get(phase, {})
+                # The last epoch's validation ran on the phase's final weights: no second evaluation.
+                by_phase[phase] = {k: v for k, v in recs[-1].items() if k.startswith("val_")}
         ips = [h["images_per_second"] for h in self.history]
         metrics = {
             "phases": by_phase,
