@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tljob import storage
 from tljob.errors import EXIT_OK, EXIT_RETRYABLE
 
 pytestmark = pytest.mark.multiworker
@@ -118,9 +120,10 @@ class Workers:
         return "\n".join(f"--- worker {i}\n{self.log(i)[-3000:]}" for i in range(len(self.procs)))
 
 
-def history(out: Path) -> list[dict]:
+def history(out: Path | str) -> list[dict]:
+    """The run's history.json, local or in the bucket ([] until the chief wrote one)."""
     try:
-        return json.loads((out / "history.json").read_text())
+        return json.loads(storage.read_text(storage.join(str(out), "history.json")))
     except (FileNotFoundError, json.JSONDecodeError):
         return []
 
@@ -135,6 +138,18 @@ def wait_until(pred, workers: Workers, timeout: float = 180) -> None:
         time.sleep(0.05)
     workers.kill()
     raise AssertionError(f"timed out: {workers.logs()}")
+
+
+def backed_up_epoch(uri: str, scratch: Path) -> int:
+    """The 1-based epoch whose end the latest backup in the bucket holds (read from the checkpoint)."""
+    import tljob  # noqa: F401  (tf-keras before TensorFlow)
+    import tensorflow as tf
+
+    storage.download_tree(uri, str(scratch))
+    ckpt = tf.train.latest_checkpoint(str(scratch / "chief"))
+    reader = tf.train.load_checkpoint(ckpt)
+    key = next(k for k in reader.get_variable_to_shape_map() if k.startswith("ckpt_saved_epoch"))
+    return int(reader.get_tensor(key)) + 1
 
 
 def digests(workers: Workers) -> list[str]:
@@ -152,19 +167,27 @@ def assert_chief_only_outputs(out: Path, workers: Workers) -> None:
         assert not leftovers, f"worker {i} left temporary writes: {leftovers}"
 
 
-def test_two_workers_tf_config(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    workers = Workers(tmp_path, tf_config_envs(2), ("train", "--config", DRY_RUN, "--output", str(out), *SHORT)).start()
+def test_two_workers_tf_config_gcs_output(tmp_path: Path, gcs_bucket: str) -> None:
+    out = f"{gcs_bucket}/runs/two"
+    workers = Workers(tmp_path, tf_config_envs(2), ("train", "--config", DRY_RUN, "--output", out, *SHORT)).start()
     assert workers.wait() == [EXIT_OK, EXIT_OK], workers.logs()
     d = digests(workers)
     assert d[0] == d[1], "final weights differ between workers"
-    assert_chief_only_outputs(out, workers)
+    # Every output is in the bucket, and _SUCCESS lists exactly the objects there, with sizes.
+    success = json.loads(storage.read_text(f"{out}/_SUCCESS"))["files"]
+    objects = {k: v for k, v in storage.list_files(out).items() if k != "_SUCCESS"}
+    assert set(success) == set(objects) and all(success[k]["size"] == objects[k] for k in objects)
+    for rel in ("history.json", "metrics.json", "metadata.json", "params.yaml", "curves.png", "status.json",
+                "model/model.keras", "model/saved_model/saved_model.pb", "checkpoints/fine_tuning.weights.h5"):
+        assert rel in objects, rel
+    assert any(k.startswith("logs/") for k in objects) and not any(k.startswith("backup/") for k in objects)
+    assert "the chief publishes the run" in workers.log(1)
     hist = history(out)
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
     assert all(h["global_batch_size"] == 32 and h["replicas"] == 2 and h["num_workers"] == 2 for h in hist)
     assert "workers=2 replicas=2 chief=True global_batch=32" in workers.log(0)
     assert "cluster from tf_config" in workers.log(1)
-    metadata = json.loads((out / "metadata.json").read_text())
+    metadata = json.loads(storage.read_text(f"{out}/metadata.json"))
     assert metadata["num_workers"] == 2 and metadata["global_batch_size"] == 32
 
 
@@ -180,24 +203,27 @@ def test_three_workers(tmp_path: Path) -> None:
     assert all(h["global_batch_size"] == 24 for h in history(out))
 
 
-def test_indexed_job_sigkill_in_phase_2_then_resume(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT,
-            "--set", "train.feature_extraction.epochs=2", "--set", "train.fine_tuning.epochs=4")
+def test_indexed_job_sigkill_in_phase_2_then_resume_from_bucket(tmp_path: Path, gcs_bucket: str) -> None:
+    out = f"{gcs_bucket}/runs/killed"
+    args = ("train", "--config", DRY_RUN, "--output", out, *SHORT, "--set", "runtime.log_sync_s=0.01",
+            "--set", "train.feature_extraction.epochs=2", "--set", "train.fine_tuning.epochs=8")
     workers = Workers(tmp_path, indexed_job_envs(2), args).start()
-    wait_until(lambda: any(h["phase"] == "fine_tuning" for h in history(out)), workers)
+    wait_until(lambda: any(k.startswith("backup/fine_tuning/") for k in storage.list_files(out)), workers)
     assert "cluster from indexed_job" in workers.log(0)
     workers.procs[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     code = workers.procs[0].wait(timeout=BOUND_S + 30)
     assert time.monotonic() - killed < BOUND_S, "the survivor took too long to exit"
     assert code == EXIT_RETRYABLE, workers.log(0)[-3000:]
-    last_backed_up = max(h["epoch"] for h in history(out))
-    assert last_backed_up < 6 and not (out / "_SUCCESS").exists()
-    # Kubernetes restarts the pods with the same command; they re-form the cluster from the backup.
+    last_backed_up = backed_up_epoch(f"{out}/backup/fine_tuning", tmp_path / "inspect")
+    assert 3 <= last_backed_up < 10 and not storage.is_finished(out), "the kill must land in phase 2"
+    assert any(k.startswith("logs/fine_tuning/") for k in storage.list_files(out)), "TensorBoard logs sync during training"
+    # The pods come back on fresh nodes: nothing local survives, everything comes from the bucket.
+    for i in range(2):
+        shutil.rmtree(tmp_path / f"tmp-{i}")
     assert workers.start().wait() == [EXIT_OK, EXIT_OK], workers.logs()
     hist = history(out)
-    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    assert [h["epoch"] for h in hist] == list(range(1, 11))
     assert [h["attempt"] for h in hist if h["phase"] == "feature_extraction"] == [1, 1], "phase 1 was repeated"
     resumed = [h["epoch"] for h in hist if h["attempt"] == 2]
     assert resumed[0] == last_backed_up + 1

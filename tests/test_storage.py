@@ -415,6 +415,10 @@ def test_mirror_push_pull(tmp_path: Path, remote_kind: str, request: pytest.Fixt
     assert fresh.pull() == len(FILES)
     assert (tmp_path / "restarted/backup/metrics.json").read_bytes() == FILES["metrics.json"]
 
+    (tmp_path / "staging" / "history.json").write_text('[{"epoch": 1}]')
+    mirror.push_file("history.json")
+    assert storage.read_text(storage.join(remote, "history.json")) == '[{"epoch": 1}]'
+
 
 def test_mirror_onto_itself_is_a_no_op(tmp_path: Path) -> None:
     make_tree(tmp_path / "out")

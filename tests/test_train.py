@@ -163,3 +163,23 @@ def test_run_killed_in_phase_2_resumes_without_repeating(tmp_path: Path) -> None
     assert second and second[0] == killed_at + 1 and second == list(range(killed_at + 1, 7))
     assert "phase feature_extraction already finished" in resumed.stderr
     assert (out / "_SUCCESS").exists()
+
+
+def test_missing_bucket_fails_in_preflight_with_exit_2(gcs_emulator: str, tmp_path: Path) -> None:
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator}
+    t0 = time.monotonic()
+    proc = tljob("train", "--config", DRY_RUN, "--output", "gs://no-such-bucket-tljob/run", env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no-such-bucket-tljob" in proc.stderr
+    assert "phase feature_extraction" not in proc.stderr and time.monotonic() - t0 < 60
+
+
+def test_data_error_exits_3_and_names_the_files(tmp_path: Path) -> None:
+    from imagegen import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 3}, size=40)
+    (root / "a" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    proc = tljob("train", "--config", DRY_RUN, "--output", str(tmp_path / "run"), "--set", "data.source=folder",
+                 "--set", f"data.train={root}", "--set", "data.max_bad_fraction=0.1", timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "corrupt.jpg" in proc.stderr and "data.max_bad_fraction" in proc.stderr

@@ -202,7 +202,11 @@ class CachedValidation(tf.keras.callbacks.Callback):
         self.strategy = strategy
         self.cache_features = cache_features
         self._features: list[list[tf.Tensor]] | None = None
-        self.last_seconds = 0.0  # wall time of the last validation (tljob's throughput excludes it)
+        # The last validation: when it started (perf_counter; at an epoch end, when training stopped), how
+        # long it took, and what it found (the final weights' metrics once fit returns).
+        self.last_started = 0.0
+        self.last_seconds = 0.0
+        self.last_metrics: dict[str, float] | None = None
         image_spec = tf.TensorSpec([None, *images.shape[1:]], tf.as_dtype(images.dtype))
         self._bottom_fn = tf.function(self._run_bottom, input_signature=[image_spec])
         boundary_specs = [tf.TensorSpec([None, *shape], dtype) for shape, dtype in boundary_shapes(bottom, images)]
@@ -241,7 +245,7 @@ class CachedValidation(tf.keras.callbacks.Callback):
 
     def evaluate(self) -> dict[str, float]:
         """val_loss and val_accuracy of the model's current weights on the validation images."""
-        start = time.perf_counter()
+        start = self.last_started = time.perf_counter()
         loss_sum = correct = 0.0
         if self.cache_features:
             if self._features is None:
@@ -255,7 +259,8 @@ class CachedValidation(tf.keras.callbacks.Callback):
                 loss_sum, correct = loss_sum + float(loss), correct + float(right)
         n = len(self.images)
         self.last_seconds = time.perf_counter() - start
-        return {"val_loss": loss_sum / n, "val_accuracy": correct / n}
+        self.last_metrics = {"val_loss": loss_sum / n, "val_accuracy": correct / n}
+        return self.last_metrics
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         # Features are computed at the first epoch end of each fit, after BackupAndRestore has restored

@@ -731,6 +731,11 @@ class Mirror:
             return 0
         return upload_tree(join(self.local_dir, subdir), join(self.remote, subdir))
 
+    def push_file(self, name: str) -> None:
+        """Upload one small file (history, status) as a single object write."""
+        if not self._same:
+            write_bytes(join(self.remote, name), read_bytes(join(self.local_dir, name)))
+
     def pull(self, subdir: str = "") -> int:
         """Download remote/subdir into local_dir/subdir; returns files fetched."""
         if self._same:

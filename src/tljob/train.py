@@ -299,8 +299,8 @@ class Trainer:
             "updated_at": _now(), "started_at": self.started_at, "name": self.cfg.name,
             "num_workers": self.ctx.spec.num_workers,
         })
-        self.mirror.push(export.HISTORY)
-        self.mirror.push(export.STATUS)
+        self.mirror.push_file(export.HISTORY)
+        self.mirror.push_file(export.STATUS)
 
     # -- the run
 
@@ -365,8 +365,10 @@ class Trainer:
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
         backup = RunBackup(str(self._path(BACKUP, phase)), self.cfg.runtime.backup_every_steps, self._push_backup)
         callbacks: list[tf.keras.callbacks.Callback] = [
-            backup,
+            # History before backup at each epoch end: a crash between the two re-runs an epoch that
+            # history already has (trimmed on resume), never leaves a backed-up epoch out of history.
             Progress(self, phase, steps),
+            backup,
             # Multi-worker: the SIGTERM agreement is an all-reduce (~3.5 ms on loopback), so not every batch.
             faults.fault_callback(self.watchdog, self.termination, backup.backup_now, agree=self.agree,
                                   check_every_batches=10 if self.ctx.spec.num_workers > 1 else 1),
