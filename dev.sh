@@ -2,6 +2,7 @@
 # The two commands a developer (and CI) needs; each sets up what it uses first.
 #   ./dev.sh dry-run [OUTPUT_DIR]   set up, then train job/dry_run.yaml locally (generated data, < 90 s)
 #   ./dev.sh test [PYTEST_ARGS...]  set up, then run the test suite
+#   ./dev.sh bench [quick|full] [ARGS...]  set up, then benchmark tljob against the tutorial's code
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -45,8 +46,15 @@ case "${1:-}" in
     shift
     .venv/bin/python -m pytest "$@"
     ;;
+  bench)
+    setup
+    use_shared_data
+    mode="${2:-quick}"
+    shift $(( $# < 2 ? $# : 2 ))
+    .venv/bin/python -m bench.run --mode "$mode" "$@"
+    ;;
   *)
-    echo "usage: ./dev.sh dry-run [OUTPUT_DIR] | ./dev.sh test [PYTEST_ARGS...]" >&2
+    echo "usage: ./dev.sh dry-run [OUTPUT_DIR] | ./dev.sh test [PYTEST_ARGS...] | ./dev.sh bench [quick|full] [ARGS...]" >&2
     exit 2
     ;;
 esac

@@ -29,8 +29,6 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "no_cached_validation": ["train.cached_validation=false"],
     "steps_per_execution_9": ["train.steps_per_execution=9"],
-    "threads_intra2_inter1": ["runtime.intra_op_threads=2", "runtime.inter_op_threads=1"],
-    "threads_intra1_inter2": ["runtime.intra_op_threads=1", "runtime.inter_op_threads=2"],
 }
 
 

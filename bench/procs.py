@@ -13,6 +13,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -52,35 +53,57 @@ def _pin(cores: Sequence[int] | None) -> Any:
     return lambda: os.sched_setaffinity(0, set(cores))
 
 
+@dataclasses.dataclass
+class Started:
+    """A running measured process; its output goes to files, so that two of them that wait on each other
+    (multi-worker collectives) never block on a full pipe."""
+
+    proc: subprocess.Popen[bytes]
+    t0: float  # time.time() just before it started
+    stdout: Any
+    stderr: Any
+
+
 def start(args: Sequence[str], *, env: Mapping[str, str] | None = None,
-          cores: Sequence[int] | None = None) -> tuple[subprocess.Popen[str], float]:
-    """Starts `python args...` (pinned to `cores` if given); returns it with its start time (time.time())."""
+          cores: Sequence[int] | None = None) -> Started:
+    """Starts `python args...` (pinned to `cores` if given)."""
+    stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=child_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_pin(cores))
-    return proc, t0
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=child_env(env), stdout=stdout, stderr=stderr,
+                            preexec_fn=_pin(cores))
+    return Started(proc, t0, stdout, stderr)
 
 
-def finish(proc: subprocess.Popen[str], t0: float, timeout_s: float, what: str) -> Run:
+def _read(file: Any) -> str:
+    file.seek(0)
+    text = file.read().decode(errors="replace")
+    file.close()
+    return text
+
+
+def finish(started: Started, timeout_s: float, what: str) -> Run:
+    proc = started.proc
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         proc.kill()
-        proc.communicate()
-        raise MeasuredProcessError(f"{what}: no result within {timeout_s:.0f} s. Fix: see why it hangs, or "
-                                   f"give it more time") from exc
-    wall = time.time() - t0
+        proc.wait()
+        raise MeasuredProcessError(f"{what}: no result within {timeout_s:.0f} s; its stderr ends with:\n"
+                                   f"{_read(started.stderr)[-3000:]}\nFix: see why it hangs, or give it more "
+                                   f"time") from exc
+    wall = time.time() - started.t0
+    out, err = _read(started.stdout), _read(started.stderr)
     if proc.returncode != 0:
         raise MeasuredProcessError(f"{what}: exit code {proc.returncode}; its stderr ends with:\n{err[-3000:]}")
-    found = [{**e, "t": e["t"] - t0} for e in events.parse(out)]
+    found = [{**e, "t": e["t"] - started.t0} for e in events.parse(out)]
     return Run(wall, found, err[-2000:])
 
 
 def run(args: Sequence[str], *, timeout_s: float, what: str, env: Mapping[str, str] | None = None,
         cores: Sequence[int] | None = None) -> Run:
-    proc, t0 = start(args, env=env, cores=cores)
+    started = start(args, env=env, cores=cores)
     log.info("%s: started %s", what, " ".join(args[:3]))
-    result = finish(proc, t0, timeout_s, what)
+    result = finish(started, timeout_s, what)
     log.info("%s: finished in %.1f s", what, result.wall_s)
     return result
 

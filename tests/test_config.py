@@ -81,6 +81,8 @@ BAD = [
     (["runtime.strategy=tpu"], "runtime.strategy", "multi_worker"),
     (["data.validation_fraction=0.6", "data.test_fraction=0.5"], "data.validation_fraction + data.test_fraction", "< 1"),
     (["data.max_bad_fraction=1.5"], "data.max_bad_fraction", "between 0 and 1"),
+    (["train.steps_per_execution=0"], "train.steps_per_execution", "1 (one step per call) or more"),
+    (["train.cached_validation=sometimes"], "train.cached_validation", "not a valid bool"),
 ]
 
 

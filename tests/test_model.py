@@ -62,6 +62,17 @@ def test_batchnorm_stays_in_inference_mode_when_unfrozen() -> None:
     np.testing.assert_array_equal(bn.moving_mean.numpy(), before)
 
 
+def test_batchnorm_statistics_are_read_from_the_first_replica() -> None:
+    # They never change in training (inference-mode BatchNorm), so no all-reduce is needed to read them.
+    m = small()
+    bn_layers = [l for l in model_lib.get_base(m).layers if isinstance(l, tf.keras.layers.BatchNormalization)]
+    stats = [v for v in m.variables if "moving_" in v.name]
+    assert len(stats) == 2 * len(bn_layers) > 0
+    assert {v.aggregation for v in stats} == {tf.VariableAggregation.ONLY_FIRST_REPLICA}
+    others = {v.aggregation for v in m.variables if "moving_" not in v.name}
+    assert others and tf.VariableAggregation.ONLY_FIRST_REPLICA not in others
+
+
 def test_weights_from_h5_file(tmp_path: Path) -> None:
     base = tf.keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, weights=None, alpha=0.35)
     path = tmp_path / "base.h5"

@@ -42,7 +42,7 @@ COMMUNICATIONS = ("auto", "ring", "nccl")
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """A generated image set with a learnable pattern (each class has its own colour cast)."""
+    """A generated image set with a learnable pattern (each class has its own noise grain)."""
 
     num_classes: int = 2
     train_examples: int = 256
@@ -112,9 +112,15 @@ class FineTuneConfig(PhaseConfig):
 class TrainConfig:
     feature_extraction: PhaseConfig = field(default_factory=PhaseConfig)
     fine_tuning: FineTuneConfig = field(default_factory=FineTuneConfig)
-    # null: one pass over the data per epoch.
+    # null: as many steps as one pass over the training data (the shuffled stream runs on across epochs).
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
+    # Validate on cached features of the network's constant part (same metrics as model.evaluate, the
+    # frozen layers run once per phase instead of every epoch); false runs model.evaluate every epoch.
+    cached_validation: bool = True
+    # Training steps per tf.function call: fewer Python round trips per epoch. Callbacks then see every
+    # Nth batch only, so step backups and the SIGTERM check happen at those batches.
+    steps_per_execution: int = 1
     # How the learning rate follows the global batch: none keeps the tutorial's rates as written.
     lr_scaling: str = "none"
     reference_batch_size: int = 32
@@ -356,6 +362,8 @@ def validate(cfg: JobConfig) -> None:
            t.fine_tuning.fine_tune_at,
            f"MobileNetV2's base has {MOBILENET_V2_DEPTH} layers: use an index from 0 to {MOBILENET_V2_DEPTH - 1} "
            f"(the tutorial uses 100).")
+    _check(t.steps_per_execution >= 1, "train.steps_per_execution", t.steps_per_execution,
+           "use 1 (one step per call) or more.")
     for key, value in (("train.steps_per_epoch", t.steps_per_epoch), ("train.validation_steps", t.validation_steps),
                        ("runtime.backup_every_steps", r.backup_every_steps)):
         _check(value is None or value >= 1, key, value, "use a positive number, or null.")

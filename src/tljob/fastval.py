@@ -226,7 +226,8 @@ class CachedValidation(tf.keras.callbacks.Callback):
         return metric_sums(labels, run_graph(self.top, self._run_bottom(images))[0], self.binary)
 
     def _local(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Runs fn on this worker's first replica: replica context reads variables locally, no collective."""
+        """Runs fn in replica context, where variables are read locally (no collective), and returns the first
+        local replica's result (with several local GPUs each computes the same values)."""
         out = self.strategy.run(fn, args=args)
         return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], out)
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tljob import cluster, data, export, faults, model as model_lib, storage
+from tljob import cluster, data, export, fastval, faults, model as model_lib, storage
 from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
 from tljob.errors import EXIT_OK, DataError, RetryableError
 
@@ -170,11 +170,13 @@ class RunBackup(tf.keras.callbacks.BackupAndRestore):
 class Progress(tf.keras.callbacks.Callback):
     """Per-epoch bookkeeping on every worker; the chief logs, records history and status, and syncs."""
 
-    def __init__(self, trainer: "Trainer", phase: str, steps: int):
+    def __init__(self, trainer: "Trainer", phase: str, steps: int,
+                 cached_validation: fastval.CachedValidation | None = None):
         super().__init__()
         self.t = trainer
         self.phase = phase
         self.steps = steps
+        self.cached_validation = cached_validation
         self._epoch_start = 0.0
         self._train_seconds = 0.0
         self._first = True
@@ -194,7 +196,9 @@ class Progress(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         seconds = time.perf_counter() - self._epoch_start
-        train_seconds = self._train_seconds or seconds
+        # fit's own validation is timed from on_test_begin; cached validation reports its own duration.
+        train_seconds = self._train_seconds or seconds - (
+            self.cached_validation.last_seconds if self.cached_validation else 0.0)
         record = {"epoch": epoch + 1, "phase": self.phase}
         record.update({k: float(v) for k, v in (logs or {}).items()})
         record.update(seconds=round(seconds, 3),
@@ -318,7 +322,10 @@ class Trainer:
                 f"Fix: lower data.batch_size or add data.")
         train_ds = data.train_pipeline(ds.train, global_batch=self.ctx.global_batch, aug=self.cfg.augment,
                                        shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed,
-                                       num_workers=workers, repeat=self.cfg.train.steps_per_epoch is not None)
+                                       # One endless stream, `steps` batches per epoch: with a finite
+                                       # dataset Keras makes a new iterator every epoch, and tearing the
+                                       # old one down stalled epochs by up to 40 s (real recipe, 2 CPUs).
+                                       num_workers=workers, repeat=True)
         val_ds = (data.eval_pipeline(ds.validation, global_batch=self.ctx.global_batch, num_workers=workers)
                   if ds.validation else None)
         tf.keras.utils.set_random_seed(self.cfg.seed)
@@ -338,7 +345,7 @@ class Trainer:
                 log.info("phase %s already finished: loading %s", phase, ckpt)
                 model.load_weights(str(ckpt))
                 continue
-            self._fit_phase(model, phase, phase_cfg, ds.num_classes, train_ds, val_ds, steps)
+            self._fit_phase(model, phase, phase_cfg, ds, train_ds, val_ds, steps)
             self._save_phase_weights(model, phase)
             self._mark_phase_done(phase, done)
         return self._finish(model, ds)
@@ -350,8 +357,9 @@ class Trainer:
                                  num_workers=1, repeat=False)
         return next(iter(ds))[0].numpy()
 
-    def _fit_phase(self, model: tf.keras.Model, phase: str, phase_cfg: PhaseConfig, num_classes: int,
+    def _fit_phase(self, model: tf.keras.Model, phase: str, phase_cfg: PhaseConfig, ds: data.Dataset,
                    train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None, steps: int) -> None:
+        num_classes = ds.num_classes
         start, end = self.ends[phase]
         if end == start:
             log.info("phase %s: 0 epochs configured, skipped", phase)
@@ -359,15 +367,20 @@ class Trainer:
         lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
                                    self.cfg.train.reference_batch_size)
         with self.strategy.scope():
-            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes)
+            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
+                                        steps_per_execution=self.cfg.train.steps_per_execution)
         trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
         log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
         backup = RunBackup(str(self._path(BACKUP, phase)), self.cfg.runtime.backup_every_steps, self._push_backup)
+        # After compile: the cached-validation split follows the layers' trainable flags of this phase.
+        cached_validation, val_ds = self._validation(model, ds, val_ds)
         callbacks: list[tf.keras.callbacks.Callback] = [
+            # First: the epoch's val_* metrics must be in `logs` before Progress and TensorBoard read them.
+            *([cached_validation] if cached_validation else []),
             # History before backup at each epoch end: a crash between the two re-runs an epoch that
             # history already has (trimmed on resume), never leaves a backed-up epoch out of history.
-            Progress(self, phase, steps),
+            Progress(self, phase, steps, cached_validation),
             backup,
             # Multi-worker: the SIGTERM agreement is an all-reduce (~3.5 ms on loopback), so not every batch.
             faults.fault_callback(self.watchdog, self.termination, backup.backup_now, agree=self.agree,
@@ -380,11 +393,28 @@ class Trainer:
         # The fault callback arms the watchdog for fit and disarms it when fit returns; when fit raises
         # it stays armed, so an exit that hangs on a broken collective is still bounded.
         model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
-                  steps_per_epoch=steps if self.cfg.train.steps_per_epoch else None,
+                  steps_per_epoch=steps,
                   validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
 
+    def _validation(self, model: tf.keras.Model, ds: data.Dataset, val_ds: tf.data.Dataset | None,
+                    ) -> tuple[fastval.CachedValidation | None, tf.data.Dataset | None]:
+        """Runs on every worker: (cached-validation callback, validation_data for fit). Cached validation
+        needs the decoded validation images in memory; every worker validates all of them locally."""
+        split = ds.validation
+        if split is None or not self.cfg.train.cached_validation:
+            return None, val_ds
+        if split.images is None:
+            log.info("cached validation: the validation split is streamed, not held in memory (data.cache, "
+                     "data.cache_budget_mb): model.evaluate validates every epoch instead")
+            return None, val_ds
+        callback = fastval.make_validation_callback(
+            model, split.images, split.labels, batch_size=self.ctx.global_batch, num_classes=ds.num_classes,
+            budget_mb=self.cfg.data.cache_budget_mb, steps=self.cfg.train.validation_steps)
+        return callback, None
+
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
-        # Every worker saves (reading mirrored BatchNorm statistics is a collective); non-chiefs to a temp dir.
+        # Every worker saves (under a multi-worker strategy a save may run collectives that all must join);
+        # non-chiefs to a temp dir.
         target = self._write_dir(CHECKPOINTS)
         target.mkdir(parents=True, exist_ok=True)
         model.save_weights(str(target / f"{phase}.weights.h5"))
@@ -397,8 +427,8 @@ class Trainer:
             test_ds = data.eval_pipeline(ds.test, global_batch=self.ctx.global_batch, num_workers=workers)
             out = model.evaluate(test_ds, return_dict=True, verbose=0)
             test_metrics = {f"test_{k}": float(v) for k, v in out.items()}
-        # Every worker logs it (reading the weights is a collective, so all do it here): equal digests
-        # prove the replicas stayed in sync.
+        # Every worker logs it (all take part, as reading a distributed variable may be a collective):
+        # equal digests prove the replicas stayed in sync.
         weights = model.get_weights()
         log.info("final weights digest: %s", weights_digest(weights))
         if not self.ctx.is_chief:
@@ -415,8 +445,8 @@ class Trainer:
     def _serving_copy(self, num_classes: int, weights: list[np.ndarray]) -> tf.keras.Model:
         """The trained model rebuilt outside the distribution strategy, for export on the chief alone.
 
-        Saving the distributed model would make every worker trace and write a full export (its reads
-        of mirrored BatchNorm statistics are collectives); a plain copy with the same weights is saved
+        Saving the distributed model would make every worker trace and write a full export (a save under
+        MultiWorkerMirroredStrategy must run on every worker); a plain copy with the same weights is saved
         by the chief only, and loads anywhere without a strategy. It holds no training state.
         """
         cfg = self.cfg

@@ -1,0 +1,265 @@
+"""tljob against the tutorial's own code, side by side in one run: `python -m bench.run --mode quick|full`.
+
+Sections (bench/README.md says what each measures and why):
+  1. input pipeline, images/s with no model: tljob (first epoch, cached epochs) vs the tutorial's
+     image_dataset_from_directory(...).prefetch vs the decode ceiling;
+  2. the full recipe end to end: tljob vs bench/tutorial_baseline.py, alternated, `--repeats` pairs;
+  3. multi-worker: 2 workers pinned one core each vs 1 worker pinned to one core (weak scaling), and the
+     all-reduce time of each phase's gradients;
+  4. job costs: time to the first training step, backup share of an epoch, publishing to a GCS emulator.
+Writes bench/results/<date>.json (full; <date>-quick.json in quick mode), a Markdown table and a PNG chart.
+quick: generated JPEGs, a small random-weight MobileNetV2, a few steps (a smoke test of every path, in the
+default test suite). full: TLJOB_CATS_DOGS_DIR and TLJOB_WEIGHTS, the tutorial's settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import procs, report
+
+log = logging.getLogger("bench.run")
+
+PHASES = ("feature_extraction", "fine_tuning")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """Everything that differs between quick and full mode."""
+
+    name: str
+    image_size: int
+    alpha: float
+    epochs: int  # per phase, in the recipe
+    pipeline_epochs: int
+    mw_steps: int  # training steps per phase in the multi-worker runs
+    mw_phases: tuple[str, ...]  # phases the multi-worker runs train
+    allreduce_repeats: int
+    publish_repeats: int
+    timeout_s: float
+
+    def tljob_sets(self, data: Path, weights: str) -> list[str]:
+        return [f"data.source=folder", f"data.train={data}/train", f"data.validation={data}/validation",
+                "data.test=null", f"data.image_size={self.image_size}", f"model.weights={weights}",
+                f"model.alpha={self.alpha}", f"train.feature_extraction.epochs={self.epochs}",
+                f"train.fine_tuning.epochs={self.epochs}"]
+
+
+# Quick mode keeps the default test suite short: one phase in the multi-worker runs (3 processes).
+QUICK = Mode("quick", image_size=32, alpha=0.35, epochs=1, pipeline_epochs=2, mw_steps=5,
+             mw_phases=("feature_extraction",), allreduce_repeats=5, publish_repeats=1, timeout_s=150)
+FULL = Mode("full", image_size=160, alpha=1.0, epochs=10, pipeline_epochs=4, mw_steps=25, mw_phases=PHASES,
+            allreduce_repeats=30, publish_repeats=3, timeout_s=1800)
+
+
+def _sets(pairs: list[str]) -> list[str]:
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def _tljob(out: Path, sets: list[str]) -> list[str]:
+    return ["-m", "bench.tljob_probe", "train", "--config", str(procs.ROOT / "job" / "cats_vs_dogs.yaml"),
+            "--output", str(out), *_sets(sets)]
+
+
+def count_images(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def pipeline_section(mode: Mode, data: Path) -> dict[str, Any]:
+    keras3 = {"TF_USE_LEGACY_KERAS": "0"}
+    out = {}
+    for variant in ("ceiling", "tutorial", "tljob"):
+        result = procs.run(["-m", "bench.pipeline", variant, "--data", str(data), "--image-size", str(mode.image_size),
+                            "--epochs", str(mode.pipeline_epochs)], timeout_s=mode.timeout_s,
+                           what=f"pipeline {variant}", env=keras3 if variant == "tutorial" else None)
+        out[variant] = procs.first(result.events, "result")["result"]
+    ceiling = out["ceiling"]["median"]
+    tl = out["tljob"]
+    out["ratios_to_ceiling"] = {
+        "tutorial": round(out["tutorial"]["median"] / ceiling, 2),
+        "tljob_first_epoch": round(tl["first_epoch"]["median"] / ceiling, 2),
+        "tljob_cached_plain": round(tl["cached_plain"]["median"] / ceiling, 2),
+        "tljob_cached_augmented": round(tl["cached_augmented"]["median"] / ceiling, 2),
+    }
+    return out
+
+
+def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Path) -> dict[str, Any]:
+    """Alternates tutorial and tljob runs; `keep` receives the last tljob run directory (for publishing)."""
+    n_train = count_images(data / "train")
+    baseline = ["bench/tutorial_baseline.py", "--data", str(data), "--weights", weights,
+                "--image-size", str(mode.image_size), "--alpha", str(mode.alpha),
+                "--initial-epochs", str(mode.epochs), "--fine-tune-epochs", str(mode.epochs)]
+    runs: dict[str, list[dict[str, Any]]] = {"tutorial": [], "tljob": []}
+    backups: list[dict[str, Any]] = []
+    for i in range(repeats):
+        result = procs.run(baseline, timeout_s=mode.timeout_s, what=f"tutorial recipe #{i + 1}",
+                           env={"TF_USE_LEGACY_KERAS": "0"})
+        runs["tutorial"].append({**procs.recipe_summary(result, n_train, PHASES), "load": procs.load()})
+        with tempfile.TemporaryDirectory(prefix="bench-tljob-") as tmp:
+            run_dir = Path(tmp) / "run"
+            result = procs.run(_tljob(run_dir, mode.tljob_sets(data, weights)), timeout_s=mode.timeout_s,
+                               what=f"tljob recipe #{i + 1}")
+            if i == repeats - 1:
+                run_dir.rename(keep)
+        runs["tljob"].append({**procs.recipe_summary(result, n_train, PHASES), "load": procs.load()})
+        backups.append(backup_share(result.events))
+    ratios = [t["recipe_seconds"] / b["recipe_seconds"] for t, b in zip(runs["tljob"], runs["tutorial"])]
+    return {"train_images": n_train, "runs": runs, "ratio_per_pair": [round(r, 3) for r in ratios],
+            "recipe_time_ratio": round(statistics.median(ratios), 3),
+            "median": {who: median_summary(rs) for who, rs in runs.items()}, "backups": backups}
+
+
+def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over repeats of every figure report.py shows."""
+    def med(get: Any) -> Any:
+        values = [get(r) for r in runs]
+        return None if any(v is None for v in values) else round(statistics.median(values), 4)
+
+    out: dict[str, Any] = {k: med(lambda r, k=k: r[k]) for k in
+                           ("recipe_seconds", "process_seconds", "first_step_seconds", "cpu_cores_used",
+                            "peak_memory_mb")}
+    out["phases"] = {p: {k: med(lambda r, p=p, k=k: r["phases"][p][k]) for k in
+                         ("seconds", "step_ms_median", "images_per_second", "val_accuracy", "val_loss")}
+                     for p in PHASES}
+    return out
+
+
+def backup_share(evts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per phase: median backup seconds and their share of the median epoch (epoch ends are taken after
+    the backup, so an epoch's time includes its backup)."""
+    out = {}
+    for phase in PHASES:
+        saves = [e["seconds"] for e in evts if e["event"] == "backup" and e["phase"] == phase]
+        epochs = procs.phase_summary(evts, phase, 0)["epoch_seconds"]
+        if saves and epochs:
+            out[phase] = {"backup_seconds": round(statistics.median(saves), 3),
+                          "epoch_seconds": round(statistics.median(epochs), 2),
+                          "share": round(statistics.median(saves) / statistics.median(epochs), 4)}
+    return out
+
+
+def multiworker_section(mode: Mode, data: Path, weights: str, work: Path) -> dict[str, Any]:
+    if len(os.sched_getaffinity(0)) < 2:
+        return {"skipped": "fewer than 2 cores available"}
+    sets = [*mode.tljob_sets(data, weights), f"train.steps_per_epoch={mode.mw_steps}", "data.validation=null",
+            *(f"train.{p}.epochs={int(p in mode.mw_phases)}" for p in PHASES)]
+    one = procs.run(_tljob(work / "one", sets), timeout_s=mode.timeout_s, what="1 worker on core 0", cores=[0])
+    ports = procs.free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    started = []
+    for i in range(2):
+        env = {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+               "BENCH_ALLREDUCE_REPEATS": str(mode.allreduce_repeats)}
+        started.append(procs.start(_tljob(work / f"two-{i}", sets), env=env, cores=[i]))
+    two = [procs.finish(s, mode.timeout_s, f"worker {i} of 2") for i, s in enumerate(started)]
+    out: dict[str, Any] = {"per_replica_batch": 32, "steps_per_phase": mode.mw_steps}
+    for phase in mode.mw_phases:
+        single = procs.phase_summary(one.events, phase, 0)["step_ms_median"]
+        double = procs.phase_summary(two[0].events, phase, 0)["step_ms_median"]
+        allreduce = procs.first(two[0].events, "allreduce", phase)
+        out[phase] = {
+            "step_ms_1_worker": single, "step_ms_2_workers": double,
+            "images_per_second_1_worker": round(32 / single * 1000, 1),
+            "images_per_second_2_workers": round(64 / double * 1000, 1),
+            # Same per-replica batch: perfect weak scaling keeps the step time.
+            "weak_scaling_efficiency": round(single / double, 3),
+            "allreduce_ms": round(allreduce["ms"], 2), "gradient_parameters": allreduce["parameters"],
+        }
+    return out
+
+
+def publish_section(mode: Mode, run_dir: Path) -> dict[str, Any]:
+    result = procs.run(["-m", "bench.costs", "publish", "--run", str(run_dir), "--repeats", str(mode.publish_repeats)],
+                       timeout_s=mode.timeout_s, what="publish to the GCS emulator")
+    return procs.first(result.events, "result")["result"]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def quick_inputs(work: Path) -> tuple[Path, str]:
+    """Generated JPEG folders shaped like cats_and_dogs_filtered, and random weights."""
+    sys.path.insert(0, str(procs.ROOT / "tests"))
+    from imagegen import make_image_folder
+
+    data = work / "data"
+    make_image_folder(data / "train", {"cats": 48, "dogs": 48}, size=64, seed=0)
+    make_image_folder(data / "validation", {"cats": 16, "dogs": 16}, size=64, seed=1)
+    return data, "none"
+
+
+def full_inputs() -> tuple[Path, str]:
+    data, weights = os.environ.get("TLJOB_CATS_DOGS_DIR"), os.environ.get("TLJOB_WEIGHTS")
+    if not (data and weights and Path(data, "train").is_dir() and Path(weights).is_file()):
+        raise SystemExit(f"full mode needs the real photos and weights: TLJOB_CATS_DOGS_DIR={data!r} (a folder with "
+                         f"train/ and validation/) and TLJOB_WEIGHTS={weights!r} (the MobileNetV2 no-top .h5). "
+                         f"Fix: set both, or run --mode quick.")
+    return Path(data), weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("quick", "full"), default="quick")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="tutorial/tljob recipe pairs (default: 1 quick, 3 full)")
+    parser.add_argument("--out", type=Path, default=procs.ROOT / "bench" / "results")
+    parser.add_argument("--sections", default="pipeline,recipe,multiworker,costs",
+                        help="comma-separated subset, for re-measuring one part")
+    args = parser.parse_args(argv)
+    mode = QUICK if args.mode == "quick" else FULL
+    repeats = args.repeats or (1 if mode is QUICK else 3)
+    sections = set(args.sections.split(","))
+    started = dt.datetime.now()
+    results: dict[str, Any] = {"date": started.isoformat(timespec="seconds"), "mode": mode.name,
+                               "machine": report.machine(), "load_before": procs.load(),
+                               "settings": dataclasses.asdict(mode) | {"repeats": repeats},
+                               # A PYTHONPATH here means tljob was measured from another source tree.
+                               "pythonpath": os.environ.get("PYTHONPATH")}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        data, weights = quick_inputs(work) if mode is QUICK else full_inputs()
+        if "pipeline" in sections:
+            results["pipeline"] = pipeline_section(mode, data)
+        if "recipe" in sections or "costs" in sections:
+            recipe = recipe_section(mode, data, weights, repeats, keep=work / "last-tljob-run")
+            results["recipe_time_ratio"] = recipe["recipe_time_ratio"]
+            results["val_accuracy"] = {who: {p: recipe["median"][who]["phases"][p]["val_accuracy"] for p in PHASES}
+                                       for who in ("tutorial", "tljob")}
+            results["recipe"] = recipe
+        if "multiworker" in sections:
+            results["multiworker"] = multiworker_section(mode, data, weights, work / "mw")
+        if "costs" in sections:
+            results["job_costs"] = {
+                "first_step_seconds": {who: results["recipe"]["median"][who]["first_step_seconds"]
+                                       for who in ("tutorial", "tljob")},
+                "backup": results["recipe"]["backups"][-1],
+                "publish": publish_section(mode, work / "last-tljob-run"),
+            }
+    results["load_after"] = procs.load()
+    results["wall_seconds"] = round((dt.datetime.now() - started).total_seconds(), 1)
+    results["acceptance"] = report.acceptance(results)
+    stem = started.date().isoformat() + ("" if mode is FULL else "-quick")
+    paths = report.write(results, args.out, stem)
+    for line in report.summary_lines(results):
+        print(line)  # noqa: T201 - the benchmark's answer on stdout
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

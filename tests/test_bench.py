@@ -1,0 +1,91 @@
+"""The benchmark: its event arithmetic and acceptance checks (pure), and one real quick-mode run that must
+write the JSON, the Markdown table and the PNG chart with every section's figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import procs, report  # noqa: E402 - after the path set-up above
+
+
+def ev(event: str, t: float, **fields) -> dict:
+    return {"event": event, "t": t, "cpu_s": t * 1.5, "max_rss_mb": 100 + t, **fields}
+
+
+EVENTS = [
+    ev("first_step", 3.0, phase="feature_extraction"),
+    ev("phase_begin", 2.0, phase="feature_extraction"),
+    ev("epoch_end", 6.0, phase="feature_extraction", epoch=1, metrics={"val_accuracy": 0.8}, step_s=[2.0, 0.5, 0.7]),
+    ev("epoch_end", 9.0, phase="feature_extraction", epoch=2, metrics={"val_accuracy": 0.9}, step_s=[0.9, 0.6, 0.5]),
+    ev("phase_end", 9.0, phase="feature_extraction"),
+    ev("phase_begin", 10.0, phase="fine_tuning"),
+    ev("epoch_end", 20.0, phase="fine_tuning", epoch=3, metrics={"val_accuracy": 0.95}, step_s=[3.0, 1.0]),
+    ev("phase_end", 20.0, phase="fine_tuning"),
+]
+
+
+def test_phase_and_recipe_summaries_from_events() -> None:
+    phase = procs.phase_summary(EVENTS, "feature_extraction", images_per_epoch=70)
+    assert phase["seconds"] == 7.0 and phase["epochs"] == 2 and phase["epoch_seconds"] == [4.0, 3.0]
+    # Each epoch's first step (iterator start, tracing) is left out of the median.
+    assert phase["step_ms_median"] == 550.0
+    assert phase["images_per_second"] == 20.0 and phase["val_accuracy"] == 0.9
+    recipe = procs.recipe_summary(procs.Run(25.0, EVENTS, ""), 70, ("feature_extraction", "fine_tuning"))
+    assert recipe["recipe_seconds"] == 20.0 and recipe["process_seconds"] == 25.0
+    assert recipe["first_step_seconds"] == 3.0 and recipe["cpu_cores_used"] == 1.5
+    assert recipe["phases"]["fine_tuning"]["val_accuracy"] == 0.95
+    with pytest.raises(procs.MeasuredProcessError, match="allreduce"):
+        procs.first(EVENTS, "allreduce")
+
+
+def test_acceptance_checks_follow_the_figures() -> None:
+    results = {"recipe_time_ratio": 0.45,
+               "val_accuracy": {"tljob": {"fine_tuning": 0.97}, "tutorial": {"fine_tuning": 0.972}},
+               "pipeline": {"ratios_to_ceiling": {"tljob_first_epoch": 0.9, "tljob_cached_plain": 3.5,
+                                                  "tljob_cached_augmented": 1.1}},
+               "multiworker": {"feature_extraction": {"weak_scaling_efficiency": 0.9}}}
+    checks = report.acceptance(results)
+    assert checks["recipe_time_ratio"]["pass"] is True
+    assert checks["val_accuracy_after_phase_2"]["pass"] is False
+    assert checks["pipeline_cached_vs_ceiling"]["pass"] is True
+    assert checks["pipeline_first_epoch_vs_ceiling"]["pass"] is True
+    assert checks["weak_scaling_feature_extraction"]["pass"] is True
+    assert checks["weak_scaling_fine_tuning"]["pass"] is None  # not measured
+
+
+@pytest.mark.multiworker
+@pytest.mark.timeout(420)
+def test_quick_mode_writes_json_table_and_chart(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--mode", "quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [json_path] = tmp_path.glob("*-quick.json")
+    results = json.loads(json_path.read_text())
+    assert isinstance(results["recipe_time_ratio"], float) and results["recipe_time_ratio"] > 0
+    for who in ("tutorial", "tljob"):
+        assert set(results["val_accuracy"][who]) == {"feature_extraction", "fine_tuning"}
+        assert all(0.0 <= v <= 1.0 for v in results["val_accuracy"][who].values())
+        assert results["recipe"]["median"][who]["first_step_seconds"] > 0
+    pipeline = results["pipeline"]
+    assert set(pipeline["ratios_to_ceiling"]) == {"tutorial", "tljob_first_epoch", "tljob_cached_plain",
+                                                  "tljob_cached_augmented"}
+    assert all(v > 0 for v in pipeline["ratios_to_ceiling"].values())
+    mw = results["multiworker"]["feature_extraction"]
+    assert mw["weak_scaling_efficiency"] > 0 and mw["allreduce_ms"] > 0 and mw["gradient_parameters"] > 0
+    costs = results["job_costs"]
+    assert 0 < costs["backup"]["feature_extraction"]["share"] < 1
+    assert costs["publish"]["files"] > 0 and costs["publish"]["median_seconds"] > 0
+    assert set(results["acceptance"]) >= {"recipe_time_ratio", "val_accuracy_after_phase_2",
+                                          "pipeline_cached_vs_ceiling", "weak_scaling_feature_extraction"}
+    table = json_path.with_suffix(".md").read_text()
+    assert "recipe_time_ratio" in table and "## Input pipeline" in table and "## Multi-worker" in table
+    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "recipe_time_ratio=" in proc.stdout
