@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
