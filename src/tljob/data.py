@@ -272,7 +272,8 @@ def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_si
     paths = [p for p, _ in items]
     good_idx, _ = _scan(_read_encoded(paths), len(paths), image_size or 32, keep_images=False)
     good = sorted(good_idx.tolist())
-    bad = [p for i, p in enumerate(paths) if i not in set(good)]
+    good_set = set(good)
+    bad = [p for i, p in enumerate(paths) if i not in good_set]
     _report_bad(bad, len(paths))
     # Local outputs are written in place; gs:// outputs are written to scratch and uploaded in one sync.
     out = scratch / "records" if storage.is_remote(output_dir) else Path(storage.local_path(output_dir))
