@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +99,37 @@ def test_optimizers_per_phase() -> None:
     opt = model_lib.make_optimizer(FineTuneConfig(), 1e-5)
     assert isinstance(opt, tf.keras.optimizers.RMSprop)
     assert float(opt.learning_rate) == pytest.approx(1e-5)
+
+
+AGREE = """
+import json
+import tljob
+import numpy as np
+import tensorflow as tf
+from tljob import model as model_lib
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope(), tf.variable_creator_scope(model_lib._first_replica_statistics):
+    bn = tf.keras.layers.BatchNormalization()
+    bn.build((None, 3))
+def local(v):
+    return [t.numpy().tolist() for t in strategy.experimental_local_results(v)]
+# Replica r holds statistics r + 1 and 10 (r + 1): as if each had summed its batch in another order.
+strategy.run(tf.function(lambda: [v.assign(tf.fill([3], tf.cast(tf.distribute.get_replica_context()
+             .replica_id_in_sync_group + 1, tf.float32) * s)) for v, s in ((bn.moving_mean, 1.0),
+             (bn.moving_variance, 10.0))]))
+before = local(bn.moving_mean)
+with strategy.scope():  # as in training: calibration runs in the strategy's scope
+    model_lib.agree_statistics([bn])
+print("RESULT " + json.dumps({"before": before, "mean": local(bn.moving_mean), "var": local(bn.moving_variance)}))
+"""
+
+
+def test_statistics_agree_across_replicas_after_calibration() -> None:
+    out = subprocess.run([sys.executable, "-c", AGREE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert result["before"] == [[1.0] * 3, [2.0] * 3], "the replicas must start apart for the test to mean anything"
+    assert result["mean"] == [[1.5] * 3, [1.5] * 3]
+    assert result["var"] == [[15.0] * 3, [15.0] * 3]

@@ -101,7 +101,8 @@ def calibrate_batchnorm(model: tf.keras.Model, images: np.ndarray) -> None:
     For `weights: none` only: with a random base, inference-mode BatchNorm (mean 0, variance 1) lets the
     activations shrink by orders of magnitude per block, and the head sees constant features. One
     training-mode pass with momentum 0 makes each layer's moving statistics those of the sample, so
-    the random features carry the input's signal. Every worker computes the same values (same data).
+    the random features carry the input's signal. Every worker computes them from the same images, then
+    one all-reduce makes them equal to the bit (agree_statistics). Call it in the strategy's scope.
     """
     base = get_base(model)
     layers = [layer for layer in base.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
@@ -118,10 +119,34 @@ def calibrate_batchnorm(model: tf.keras.Model, images: np.ndarray) -> None:
     # MultiWorkerMirroredStrategy, ~10 s on two CPU workers.
     tf.distribute.get_strategy().run(tf.function(lambda images: base(images, training=True)), args=(x,))
     base.trainable = was_trainable
+    agree_statistics(layers)
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
     log.info("weights: none -> BatchNorm statistics of %d base layers set from %d training images",
              len(layers), len(images))
+
+
+def agree_statistics(layers: list[tf.keras.layers.BatchNormalization]) -> None:
+    """Replaces every replica's BatchNorm statistics with their mean over all replicas, in one all-reduce.
+
+    The same images do not give bit-identical statistics on every worker: with 3 workers on 2 CPUs,
+    3 of 4 runs ended with two variants of the statistics among the workers (the trainable weights
+    agreed), as multi-threaded sums change their order with scheduling. Statistics are read from
+    each worker's first replica (_first_replica_statistics), so without this the workers would export
+    different models. An all-reduce hands every worker the same result, bit for bit.
+    """
+    stats = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+    sizes = [int(np.prod(v.shape)) for v in stats]
+    strategy = tf.distribute.get_strategy()
+
+    def mean_over_replicas() -> None:
+        # Runs on each replica: reads and writes that replica's own copy of the statistics.
+        flat = tf.concat([tf.reshape(v.read_value(), [-1]) for v in stats], axis=0)
+        mean = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, flat)
+        for v, part in zip(stats, tf.split(mean, sizes)):
+            v.assign(tf.reshape(part, v.shape))
+
+    tf.function(lambda: strategy.run(mean_over_replicas))()
 
 
 def get_base(model: tf.keras.Model) -> tf.keras.Model:
