@@ -139,13 +139,14 @@ def markdown(results: dict[str, Any]) -> str:
     mw = r.get("multiworker")
     if mw and "skipped" not in mw:
         out += ["## Multi-worker, one core per worker, per-replica batch 32", "",
-                "| phase | step ms, 1 worker | step ms, 2 workers | images/s 1 → 2 | weak-scaling efficiency | "
+                "| phase | step ms, 1 worker | step ms, 2 workers | images/s 1 → 2 | weak-scaling efficiency (rounds) | "
                 "all-reduce ms (parameters) |", "|---|---|---|---|---|---|"]
         for ph in (p for p in PHASES if p in mw):
             m = mw[ph]
             out.append(f"| {ph} | {_fmt(m['step_ms_1_worker'])} | {_fmt(m['step_ms_2_workers'])} | "
                        f"{_fmt(m['images_per_second_1_worker'])} → {_fmt(m['images_per_second_2_workers'])} | "
-                       f"{_fmt(m['weak_scaling_efficiency'])} | {_fmt(m['allreduce_ms'])} ({m['gradient_parameters']}) |")
+                       f"{_fmt(m['weak_scaling_efficiency'])} ({', '.join(map(_fmt, m['efficiency_per_round']))}) | "
+                       f"{_fmt(m['allreduce_ms'])} ({m['gradient_parameters']}) |")
         out.append("")
     costs = r.get("job_costs")
     if costs:

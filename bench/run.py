@@ -5,7 +5,7 @@ Sections (bench/README.md says what each measures and why):
      image_dataset_from_directory(...).prefetch vs the decode ceiling;
   2. the full recipe end to end: tljob vs bench/tutorial_baseline.py, alternated, `--repeats` pairs;
   3. multi-worker: 2 workers pinned one core each vs 1 worker pinned to one core (weak scaling), and the
-     all-reduce time of each phase's gradients;
+     all-reduce time of each phase's gradients, alternated, `--repeats` rounds;
   4. job costs: time to the first training step, backup share of an epoch, publishing to a GCS emulator.
 Writes bench/results/<date>.json (full; <date>-quick.json in quick mode), a Markdown table and a PNG chart.
 quick: generated JPEGs, a small random-weight MobileNetV2, a few steps (a smoke test of every path, in the
@@ -152,32 +152,49 @@ def backup_share(evts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def multiworker_section(mode: Mode, data: Path, weights: str, work: Path) -> dict[str, Any]:
+def multiworker_section(mode: Mode, data: Path, weights: str, work: Path, repeats: int) -> dict[str, Any]:
+    """`repeats` rounds, each a 1-worker run then a 2-worker run: the machine's speed drifts by tens of
+    percent within minutes here, so each round's efficiency compares runs made back to back."""
     if len(os.sched_getaffinity(0)) < 2:
         return {"skipped": "fewer than 2 cores available"}
     sets = [*mode.tljob_sets(data, weights), f"train.steps_per_epoch={mode.mw_steps}", "data.validation=null",
             *(f"train.{p}.epochs={int(p in mode.mw_phases)}" for p in PHASES)]
-    one = procs.run(_tljob(work / "one", sets), timeout_s=mode.timeout_s, what="1 worker on core 0", cores=[0])
-    ports = procs.free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    started = []
-    for i in range(2):
-        env = {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-               "BENCH_ALLREDUCE_REPEATS": str(mode.allreduce_repeats)}
-        started.append(procs.start(_tljob(work / f"two-{i}", sets), env=env, cores=[i]))
-    two = [procs.finish(s, mode.timeout_s, f"worker {i} of 2") for i, s in enumerate(started)]
-    out: dict[str, Any] = {"per_replica_batch": 32, "steps_per_phase": mode.mw_steps}
+    rounds: list[dict[str, Any]] = []
+    for r in range(repeats):
+        one = procs.run(_tljob(work / f"one-{r}", sets), timeout_s=mode.timeout_s, what="1 worker on core 0",
+                        cores=[0])
+        ports = procs.free_ports(2)
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        started = []
+        for i in range(2):
+            env = {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                   "BENCH_ALLREDUCE_REPEATS": str(mode.allreduce_repeats)}
+            started.append(procs.start(_tljob(work / f"two-{r}-{i}", sets), env=env, cores=[i]))
+        two = [procs.finish(s, mode.timeout_s, f"worker {i} of 2") for i, s in enumerate(started)]
+        row = {}
+        for phase in mode.mw_phases:
+            single = procs.phase_summary(one.events, phase, 0)["step_ms_median"]
+            double = procs.phase_summary(two[0].events, phase, 0)["step_ms_median"]
+            allreduce = procs.first(two[0].events, "allreduce", phase)
+            # Same per-replica batch: perfect weak scaling keeps the step time.
+            row[phase] = {"step_ms_1_worker": single, "step_ms_2_workers": double,
+                          "efficiency": round(single / double, 3), "allreduce_ms": round(allreduce["ms"], 2),
+                          "gradient_parameters": allreduce["parameters"]}
+        log.info("multi-worker round %d: %s", r + 1, json.dumps(row))
+        rounds.append(row)
+    out: dict[str, Any] = {"per_replica_batch": 32, "steps_per_phase": mode.mw_steps, "rounds": rounds}
     for phase in mode.mw_phases:
-        single = procs.phase_summary(one.events, phase, 0)["step_ms_median"]
-        double = procs.phase_summary(two[0].events, phase, 0)["step_ms_median"]
-        allreduce = procs.first(two[0].events, "allreduce", phase)
+        def med(key: str, phase: str = phase) -> float:
+            return statistics.median(row[phase][key] for row in rounds)
+        single, double = med("step_ms_1_worker"), med("step_ms_2_workers")
         out[phase] = {
             "step_ms_1_worker": single, "step_ms_2_workers": double,
             "images_per_second_1_worker": round(32 / single * 1000, 1),
             "images_per_second_2_workers": round(64 / double * 1000, 1),
-            # Same per-replica batch: perfect weak scaling keeps the step time.
-            "weak_scaling_efficiency": round(single / double, 3),
-            "allreduce_ms": round(allreduce["ms"], 2), "gradient_parameters": allreduce["parameters"],
+            "weak_scaling_efficiency": round(med("efficiency"), 3),
+            "efficiency_per_round": [row[phase]["efficiency"] for row in rounds],
+            "allreduce_ms": round(med("allreduce_ms"), 2),
+            "gradient_parameters": rounds[0][phase]["gradient_parameters"],
         }
     return out
 
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("quick", "full"), default="quick")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="tutorial/tljob recipe pairs (default: 1 quick, 3 full)")
+                        help="tutorial/tljob recipe pairs and multi-worker rounds (default: 1 quick, 3 full)")
     parser.add_argument("--out", type=Path, default=procs.ROOT / "bench" / "results")
     parser.add_argument("--sections", default="pipeline,recipe,multiworker,costs",
                         help="comma-separated subset, for re-measuring one part")
@@ -242,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                        for who in ("tutorial", "tljob")}
             results["recipe"] = recipe
         if "multiworker" in sections:
-            results["multiworker"] = multiworker_section(mode, data, weights, work / "mw")
+            results["multiworker"] = multiworker_section(mode, data, weights, work / "mw", repeats)
         if "costs" in sections:
             results["job_costs"] = {
                 "first_step_seconds": {who: results["recipe"]["median"][who]["first_step_seconds"]

@@ -144,6 +144,38 @@ def test_train_pipeline_batches_augments_and_reshuffles() -> None:
     assert x.dtype == tf.float32 and float(tf.reduce_max(x)) <= 255.0
 
 
+def test_each_worker_trains_on_its_own_share() -> None:
+    # Labels number the images, so the batches show which images each worker's pipeline reads.
+    images, _ = data.synthetic_images(40, 2, 32, seed=0)
+    split = data.Split("train", 40, images=images, labels=np.arange(40))
+    seen = []
+    for worker in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
+                                             num_replicas_in_sync=2)
+        ds = data.worker_train_pipeline(split, context, global_batch=8, aug=AugmentConfig(), shuffle_buffer=100,
+                                        seed=1)
+        batches = list(ds.take(10))  # two passes over the worker's 20 images: the stream repeats
+        assert all(x.shape == (4, 32, 32, 3) and x.dtype == tf.float32 for x, _ in batches)
+        labels = [int(v) for _, y in batches for v in y.numpy()]
+        assert sorted(labels[:20]) == sorted(labels[20:]) == list(range(worker, 40, 2))
+        assert labels[:20] != list(range(worker, 40, 2)), "the share must be shuffled"
+        seen.append(labels[:20])
+    assert not set(seen[0]) & set(seen[1])
+
+
+def test_one_worker_and_streams_are_left_to_keras_to_distribute() -> None:
+    images, labels = data.synthetic_images(16, 2, 32, seed=0)
+    kwargs = dict(global_batch=8, aug=AugmentConfig(), shuffle_buffer=16, seed=1)
+    strategy = tf.distribute.get_strategy()
+    in_memory = data.Split("train", 16, images=images, labels=labels)
+    streamed = data.Split("train", 16, stream=tf.data.Dataset.from_tensor_slices((images, labels)), num_files=4)
+    policy = tf.data.experimental.AutoShardPolicy
+    for split, workers, sharding in ((in_memory, 1, policy.OFF), (streamed, 2, policy.FILE)):
+        ds = data.distributed_train_input(strategy, split, num_workers=workers, **kwargs)
+        assert isinstance(ds, tf.data.Dataset) and ds.cardinality() == tf.data.INFINITE_CARDINALITY
+        assert ds.options().experimental_distribute.auto_shard_policy == sharding
+
+
 def test_augment_rotation_and_flip() -> None:
     img = np.zeros((1, 8, 8, 1), np.float32)
     img[0, :, :4] = 1.0  # left half bright

@@ -320,12 +320,11 @@ class Trainer:
             raise DataError(
                 f"{ds.train.num_examples} training images make no full global batch of {self.ctx.global_batch}. "
                 f"Fix: lower data.batch_size or add data.")
-        train_ds = data.train_pipeline(ds.train, global_batch=self.ctx.global_batch, aug=self.cfg.augment,
-                                       shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed,
-                                       # One endless stream, `steps` batches per epoch: with a finite
-                                       # dataset Keras makes a new iterator every epoch, and tearing the
-                                       # old one down stalled epochs by up to 40 s (real recipe, 2 CPUs).
-                                       num_workers=workers, repeat=True)
+        # One endless stream, `steps` batches per epoch: with a finite dataset Keras makes a new iterator
+        # every epoch, and tearing the old one down stalled epochs by up to 40 s (real recipe, 2 CPUs).
+        train_ds = data.distributed_train_input(self.strategy, ds.train, global_batch=self.ctx.global_batch,
+                                                aug=self.cfg.augment, shuffle_buffer=self.cfg.data.shuffle_buffer,
+                                                seed=self.cfg.seed, num_workers=workers)
         val_ds = (data.eval_pipeline(ds.validation, global_batch=self.ctx.global_batch, num_workers=workers)
                   if ds.validation else None)
         tf.keras.utils.set_random_seed(self.cfg.seed)
@@ -358,7 +357,8 @@ class Trainer:
         return next(iter(ds))[0].numpy()
 
     def _fit_phase(self, model: tf.keras.Model, phase: str, phase_cfg: PhaseConfig, ds: data.Dataset,
-                   train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None, steps: int) -> None:
+                   train_ds: tf.data.Dataset | tf.distribute.DistributedDataset,
+                   val_ds: tf.data.Dataset | None, steps: int) -> None:
         num_classes = ds.num_classes
         start, end = self.ends[phase]
         if end == start:
