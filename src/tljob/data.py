@@ -505,7 +505,7 @@ def distributed_train_input(strategy: tf.distribute.Strategy, split: Split, *, g
     (worker_train_pipeline). Handed to Keras whole, such data is sharded by DATA: every worker would
     shuffle, batch and augment the global batch and then drop the other workers' part, which made a
     2-worker step ~200 ms slower than a lone worker's (weak scaling 0.7 on 2 CPUs). Everything else
-    (one worker; streams from TFDS, TFRecord or uncached folders, sharded by file) goes to Keras as is.
+    (one worker; streams from TFDS, TFRecord or uncached folders: shard_policy) goes to Keras as is.
     """
     if split.images is None or num_workers <= 1:
         return train_pipeline(split, global_batch=global_batch, aug=aug, shuffle_buffer=shuffle_buffer,
