@@ -154,7 +154,10 @@ def test_each_worker_trains_on_its_own_share() -> None:
                                              num_replicas_in_sync=2)
         ds = data.worker_train_pipeline(split, context, global_batch=8, aug=AugmentConfig(), shuffle_buffer=100,
                                         seed=1)
-        batches = list(ds.take(10))  # two passes over the worker's 20 images: the stream repeats
+        # The job lets batches finish out of order (faster); in order, passes can be told apart here.
+        options = tf.data.Options()
+        options.deterministic = True
+        batches = list(ds.with_options(options).take(10))  # two passes over the worker's 20 images
         assert all(x.shape == (4, 32, 32, 3) and x.dtype == tf.float32 for x, _ in batches)
         labels = [int(v) for _, y in batches for v in y.numpy()]
         assert sorted(labels[:20]) == sorted(labels[20:]) == list(range(worker, 40, 2))
