@@ -80,6 +80,8 @@ def test_quick_mode_writes_json_table_and_chart(tmp_path: Path) -> None:
     assert all(v > 0 for v in pipeline["ratios_to_ceiling"].values())
     mw = results["multiworker"]["feature_extraction"]
     assert mw["weak_scaling_efficiency"] > 0 and mw["allreduce_ms"] > 0 and mw["gradient_parameters"] > 0
+    # One round in quick mode (--repeats 1): the median is that round's efficiency.
+    assert len(results["multiworker"]["rounds"]) == 1 and mw["efficiency_per_round"] == [mw["weak_scaling_efficiency"]]
     costs = results["job_costs"]
     assert 0 < costs["backup"]["feature_extraction"]["share"] < 1
     assert costs["publish"]["files"] > 0 and costs["publish"]["median_seconds"] > 0
