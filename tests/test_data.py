@@ -51,6 +51,18 @@ def test_folder_streamed_when_cache_off(tmp_path: Path) -> None:
     assert batches[0][0].dtype == tf.float32 and batches[0][0].shape[1:] == (32, 32, 3)
 
 
+def test_streamed_folder_mixes_the_classes(tmp_path: Path) -> None:
+    # Listed class by class, a stream would reach the shuffle buffer as one run of each class.
+    root = make_image_folder(tmp_path / "imgs", {"a": 12, "b": 12}, size=32)
+    orders = []
+    for _ in range(2):
+        ds = data.load_dataset(folder_cfg(root, cache="none"), seed=3, cache_dir=str(tmp_path))
+        orders.append([int(v) for _, y in data.eval_pipeline(ds.train, global_batch=24, num_workers=1) for v in y])
+    assert orders[0] == orders[1], "every worker must list the files in the same order"
+    assert sorted(orders[0]) == [0] * 12 + [1] * 12
+    assert 3 <= sum(orders[0][:12]) <= 9, orders[0]
+
+
 def test_too_many_bad_files_is_a_data_error(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "imgs", {"a": 2, "b": 2}, size=32)
     for i in range(3):
@@ -105,6 +117,10 @@ def test_convert_then_read_tfrecords(tmp_path: Path) -> None:
         assert data.shard_policy(ds.train, 2) == (
             tf.data.experimental.AutoShardPolicy.DATA if cache == "auto" else tf.data.experimental.AutoShardPolicy.FILE)
     assert data.shard_policy(ds.train, 4) == tf.data.experimental.AutoShardPolicy.DATA  # 3 files < 4 workers
+    # Written in a mixed order: class by class, each shard would hold one run per class.
+    per_shard = [[tf.train.Example.FromString(r.numpy()).features.feature["image/class/label"].int64_list.value[0]
+                  for r in tf.data.TFRecordDataset(str(f))] for f in shards]
+    assert any(labels != sorted(labels) for labels in per_shard), per_shard
 
 
 def test_tfds_source_with_mock_data(tmp_path: Path) -> None:
@@ -142,6 +158,19 @@ def test_train_pipeline_batches_augments_and_reshuffles() -> None:
     assert not all((a == b).all() for a, b in zip(epoch1, epoch2)), "shuffle must differ between epochs"
     x, _ = next(iter(ds))
     assert x.dtype == tf.float32 and float(tf.reduce_max(x)) <= 255.0
+
+
+def test_in_memory_training_data_is_permuted_whole_every_epoch() -> None:
+    # Stored class by class (as an image folder is read) with a buffer a quarter of the data: a bounded
+    # shuffle buffer would give mostly class 0 in the first half of each epoch and class 1 in the second.
+    images = np.zeros((200, 8, 8, 3), np.uint8)
+    split = data.Split("train", 200, images=images, labels=np.repeat([0, 1], 100))
+    ds = data.train_pipeline(split, global_batch=20, aug=AugmentConfig(flip="none", rotation=0.0),
+                             shuffle_buffer=50, seed=1, num_workers=1, repeat=False)
+    for _ in range(2):
+        labels = np.concatenate([y.numpy() for _, y in ds])
+        assert sorted(labels.tolist()) == [0] * 100 + [1] * 100
+        assert 0.35 < labels[:100].mean() < 0.65, labels
 
 
 def test_each_worker_trains_on_its_own_share() -> None:

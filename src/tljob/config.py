@@ -67,6 +67,7 @@ class DataConfig:
     image_size: int = 160
     # Per replica; the global batch is this times the number of replicas.
     batch_size: int = 32
+    # Streams only (TFDS, TFRecord, uncached folders): training data in memory is permuted whole each epoch.
     shuffle_buffer: int = 1000
     # auto: keep decoded, resized images in memory when they fit cache_budget_mb.
     cache: str = "auto"

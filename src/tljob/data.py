@@ -174,6 +174,8 @@ def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     if cfg.validation_fraction or cfg.test_fraction:
         train_items, val_items, test_items = split_fractions(train_items, cfg.validation_fraction, cfg.test_fraction, seed)
         parts = {"train": train_items, "validation": val_items, "test": test_items}
+    # Class by class on disk: mixed once, the same on every worker (seeded), for streams' bounded buffer.
+    random.Random(seed).shuffle(train_items)
     for key in ("validation", "test"):
         path = getattr(cfg, key)
         if path:
@@ -273,6 +275,9 @@ def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_si
     good_idx, _ = _scan(_read_encoded(paths), len(paths), image_size or 32, keep_images=False)
     good = sorted(good_idx.tolist())
     good_set = set(good)
+    # Records in a fixed random order: listed class by class, each shard would hold one run per class and
+    # a bounded shuffle buffer over them would give one-class batches.
+    random.Random(0).shuffle(good)
     bad = [p for i, p in enumerate(paths) if i not in good_set]
     _report_bad(bad, len(paths))
     # Local outputs are written in place; gs:// outputs are written to scratch and uploaded in one sync.
@@ -489,8 +494,7 @@ def _with_options(ds: tf.data.Dataset, split: Split, num_workers: int) -> tf.dat
 def train_pipeline(split: Split, *, global_batch: int, aug: AugmentConfig, shuffle_buffer: int, seed: int,
                    num_workers: int, repeat: bool) -> tf.data.Dataset:
     """Shuffle (seeded, reshuffled each epoch) -> batch (global) -> augment (parallel) -> prefetch."""
-    ds = _shuffled_batches(_source_dataset(split), split.num_examples, batch=global_batch, aug=aug,
-                           shuffle_buffer=shuffle_buffer, seed=seed,
+    ds = _shuffled_batches(split, batch=global_batch, aug=aug, shuffle_buffer=shuffle_buffer, seed=seed,
                            # Equal batch counts on every worker: one batch fewer would hang the all-reduce.
                            drop_remainder=num_workers > 1 or repeat, repeat=repeat)
     return _with_options(ds, split, num_workers)
@@ -523,21 +527,43 @@ def worker_train_pipeline(split: Split, context: tf.distribute.InputContext, *, 
     together hold every image; each is shuffled on its own, so a global batch draws equally from them.
     """
     assert split.images is not None  # distributed_train_input sends only in-memory splits here
-    share = _source_dataset(split).shard(context.num_input_pipelines, context.input_pipeline_id)
-    size = len(range(context.input_pipeline_id, split.num_examples, context.num_input_pipelines))
-    ds = _shuffled_batches(share, size, batch=context.get_per_replica_batch_size(global_batch), aug=aug,
-                           shuffle_buffer=shuffle_buffer, seed=seed, drop_remainder=True, repeat=True)
+    ds = _shuffled_batches(split, batch=context.get_per_replica_batch_size(global_batch), aug=aug,
+                           shuffle_buffer=shuffle_buffer, seed=seed, drop_remainder=True, repeat=True,
+                           share=(context.num_input_pipelines, context.input_pipeline_id))
     # This is the worker's own data already: nothing for tf.data to shard again.
     return _with_options(ds, split, num_workers=1)
 
 
-def _shuffled_batches(ds: tf.data.Dataset, num_examples: int, *, batch: int, aug: AugmentConfig,
-                      shuffle_buffer: int, seed: int, drop_remainder: bool, repeat: bool) -> tf.data.Dataset:
-    ds = ds.shuffle(min(shuffle_buffer, max(num_examples, 1)), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.batch(batch, drop_remainder=drop_remainder)
-    ds = ds.map(lambda x, y: (augment_batch(tf.cast(x, tf.float32), aug), y), num_parallel_calls=AUTOTUNE)
+def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_buffer: int, seed: int,
+                      drop_remainder: bool, repeat: bool, share: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+    """Shuffled (reshuffled every epoch), batched, augmented batches of `split`, or of its share (n, i):
+    every n-th image from the i-th on (in-memory splits only)."""
+    def augmented(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return augment_batch(tf.cast(x, tf.float32), aug), y
+
+    if split.images is not None:
+        # In memory, a whole permutation of the indices each epoch costs 8 bytes an image; a bounded
+        # buffer over the images in stored order (an image folder is class by class) gave the recipe
+        # batches of mostly cats at the start of every epoch and mostly dogs at its end (0.97 instead of
+        # the tutorial's 0.976 validation accuracy). One gather per batch also copies each image once.
+        images, labels = tf.constant(split.images), tf.constant(split.labels)
+        count, index = share
+        ds = tf.data.Dataset.range(split.num_examples).shard(count, index)
+        ds = ds.shuffle(max(len(range(index, split.num_examples, count)), 1), seed=seed,
+                        reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = ds.batch(batch, drop_remainder=drop_remainder)
+        ds = ds.map(lambda idx: augmented(tf.gather(images, idx), tf.gather(labels, idx)),
+                    num_parallel_calls=AUTOTUNE)
+    else:
+        # A stream arrives mixed (an uncached folder's files in a seeded random order, `tljob convert`'s
+        # records in one, TFDS's examples shuffled when it prepared them); the buffer reshuffles each epoch.
+        ds = split.stream.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
+                                  reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = ds.batch(batch, drop_remainder=drop_remainder).map(augmented, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
 
