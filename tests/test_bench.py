@@ -74,6 +74,7 @@ def test_quick_mode_writes_json_table_and_chart(tmp_path: Path) -> None:
         assert set(results["val_accuracy"][who]) == {"feature_extraction", "fine_tuning"}
         assert all(0.0 <= v <= 1.0 for v in results["val_accuracy"][who].values())
         assert results["recipe"]["median"][who]["first_step_seconds"] > 0
+    assert [run["seed"] for run in results["recipe"]["runs"]["tljob"]] == [1]  # pair i runs with seed i + 1
     pipeline = results["pipeline"]
     assert set(pipeline["ratios_to_ceiling"]) == {"tutorial", "tljob_first_epoch", "tljob_cached_plain",
                                                   "tljob_cached_augmented"}
