@@ -553,19 +553,18 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
         ds = tf.data.Dataset.range(split.num_examples).shard(count, index)
         ds = ds.shuffle(max(len(range(index, split.num_examples, count)), 1), seed=seed,
                         reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.batch(batch, drop_remainder=drop_remainder)
-        ds = ds.map(lambda idx: augmented(tf.gather(images, idx), tf.gather(labels, idx)),
-                    num_parallel_calls=AUTOTUNE)
+
+        def load(idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return augmented(tf.gather(images, idx), tf.gather(labels, idx))
     else:
         # A stream arrives mixed (an uncached folder's files in a seeded random order, `tljob convert`'s
         # records in one, TFDS's examples shuffled when it prepared them); the buffer reshuffles each epoch.
         ds = split.stream.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
                                   reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.batch(batch, drop_remainder=drop_remainder).map(augmented, num_parallel_calls=AUTOTUNE)
+        load = augmented
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch, drop_remainder=drop_remainder).map(load, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
 
