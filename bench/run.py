@@ -102,7 +102,7 @@ def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Pat
 
     Each tljob run has its own seed (pair i: seed i + 1), as each run of the tutorial's code draws its own:
     with one fixed seed, tljob's runs would differ only by thread timing, and its accuracy would be one
-    draw against the tutorial's several (over seeds, tljob's accuracy after phase 2 ranged 0.970-0.980)."""
+    draw against the tutorial's several (over seeds, tljob's accuracy after phase 2 ranged 0.9675-0.980)."""
     n_train = count_images(data / "train")
     baseline = ["bench/tutorial_baseline.py", "--data", str(data), "--weights", weights,
                 "--image-size", str(mode.image_size), "--alpha", str(mode.alpha),
