@@ -3,7 +3,8 @@
     python -m bench.pipeline ceiling|tutorial|tljob --data DIR --image-size N --epochs N
 
 - ceiling: the JPEG bytes already in memory, `decode_jpeg` + bilinear `resize` in a parallel map on all
-  cores, batched: what any pipeline that decodes every epoch can reach at best.
+  cores (one call per core, tf.data's autotuner off), batched: what any pipeline that decodes every epoch
+  can reach at best.
 - tutorial: `image_dataset_from_directory(train, shuffle=True, batch_size=32, image_size)
   .prefetch(AUTOTUNE)`, the tutorial's input pipeline (run under Keras 3, as the tutorial does).
 - tljob: `data.load_dataset` on the folder (its first epoch: the decode pass that fills the in-memory
@@ -58,6 +59,11 @@ def ceiling(data: Path, size: int, epochs: int) -> dict[str, object]:
 
     ds = tf.data.Dataset.from_tensor_slices(blobs).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(BATCH).map(lambda x: (x, 0)).prefetch(tf.data.AUTOTUNE)
+    # The better of the two settings here: with the autotuner on, about half of the runs stayed at
+    # ~1,100 images/s with a core partly idle; off, AUTOTUNE means one call per core (bench/README.md).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.with_options(options)
     count, seconds = _time_epochs(ds, epochs)
     return {"images": count, **_rate(count, seconds)}
 

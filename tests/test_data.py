@@ -220,6 +220,24 @@ def test_augment_rotation_and_flip() -> None:
     assert not np.allclose(rotated.numpy(), img)
 
 
+def test_flips_folded_into_the_rotation_equal_flipping_then_rotating() -> None:
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 255, (6, 24, 16, 3)).astype(np.float32))  # not square: x vs y matter
+    flip_h = tf.constant([True, False, True, False, True, True])
+    flip_v = tf.constant([False, False, True, True, True, False])
+    angles = tf.constant([0.3, -1.1, 0.0, 2.5, -0.7, 1.2])
+    expected = tf.where(tf.reshape(flip_h, [-1, 1, 1, 1]), tf.reverse(images, axis=[2]), images)
+    expected = tf.where(tf.reshape(flip_v, [-1, 1, 1, 1]), tf.reverse(expected, axis=[1]), expected)
+    expected = tf.raw_ops.ImageProjectiveTransformV3(
+        images=expected, transforms=data._rotation_matrices(angles, 24, 16), output_shape=[24, 16],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    fused = data._flip_and_rotate(images, flip_h, flip_v, angles)
+    np.testing.assert_allclose(fused.numpy(), expected.numpy(), atol=0.01)
+    only_h = data._flip_and_rotate(images, flip_h, None, tf.zeros([6]))
+    np.testing.assert_allclose(only_h.numpy(), tf.where(tf.reshape(flip_h, [-1, 1, 1, 1]),
+                                                         tf.reverse(images, axis=[2]), images).numpy(), atol=0.01)
+
+
 def test_multiworker_batches_drop_remainder() -> None:
     images, labels = data.synthetic_images(21, 2, 32, seed=0)
     split = data.Split("v", 21, images=images, labels=labels)
