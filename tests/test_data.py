@@ -206,6 +206,18 @@ def test_one_worker_and_streams_are_left_to_keras_to_distribute() -> None:
         ds = data.distributed_train_input(strategy, split, num_workers=workers, **kwargs)
         assert isinstance(ds, tf.data.Dataset) and ds.cardinality() == tf.data.INFINITE_CARDINALITY
         assert ds.options().experimental_distribute.auto_shard_policy == sharding
+        assert ds.options().autotune.enabled is False  # the autotuner's thread stalled iterator deletion
+
+
+def test_eval_and_decode_pipelines_run_without_the_autotuner() -> None:
+    images, labels = data.synthetic_images(8, 2, 32, seed=0)
+    split = data.Split("v", 8, images=images, labels=labels)
+    assert data.eval_pipeline(split, global_batch=4, num_workers=1).options().autotune.enabled is False
+    encoded = tf.data.Dataset.from_tensor_slices((np.arange(2), [tf.io.encode_png(images[0]), b"not an image"]))
+    scan = data._scan_pipeline(encoded, 16)
+    assert scan.options().autotune.enabled is False
+    [(idx, decoded)] = list(scan.as_numpy_iterator())
+    assert idx.tolist() == [0] and decoded.shape == (1, 16, 16, 3)
 
 
 def test_augment_rotation_and_flip() -> None:
