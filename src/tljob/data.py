@@ -490,12 +490,12 @@ def _flip_and_rotate(images: tf.Tensor, flip_h: tf.Tensor | None, flip_v: tf.Ten
     separate flip pass, one CPU thread augments 477 instead of 369 images/s (bench/README.md). The result
     equals flipping first and rotating after, up to float rounding of the sampling positions (tested).
     """
-    height, width = tf.shape(images)[1], tf.shape(images)[2]
     if angles is None:
         for flip, axis in ((flip_h, 2), (flip_v, 1)):
             if flip is not None:
                 images = tf.where(tf.reshape(flip, [-1, 1, 1, 1]), tf.reverse(images, axis=[axis]), images)
         return images
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
     transforms = _rotation_matrices(angles, height, width)
     # A transform row maps an output pixel to the input position it samples: [a0 a1 a2 b0 b1 b2 0 0] gives
     # x = a0*u + a1*v + a2, y = b0*u + b1*v + b2. Sampling the flipped image at x is sampling the image at
