@@ -110,12 +110,22 @@ def _scan_pipeline(encoded_ds: tf.data.Dataset, image_size: int) -> tf.data.Data
     decode = tf.autograph.experimental.do_not_convert(lambda i, data: (i, decode_and_resize(data, image_size)))
     ds = encoded_ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors().batch(_SCAN_CHUNK).prefetch(2)
-    # Fixed parallelism (one call per schedulable core, TensorFlow's value for AUTOTUNE when the autotuner
-    # is off): on 2 cores the autotuner held a decode map at ~1,100 images/s, 1.3 cores busy, in about
-    # half of the runs; fixed, 1,500-2,200 images/s in every run (bench/README.md).
+    return ds.with_options(_no_autotuner())
+
+
+def _no_autotuner() -> tf.data.Options:
+    """Options for every tljob pipeline: fixed parallelism instead of tf.data's autotuner.
+
+    AUTOTUNE then means one parallel call per schedulable core; prefetch buffers still grow on demand.
+    Measured here (bench/README.md): the autotuner's model thread re-optimises at a period that doubles up
+    to 60 s, and deleting an iterator waited for the period to run out, so `fit` stood still for up to a
+    minute at the phase boundary and after the last epoch (an iterator used for 150 s took 52 s to delete;
+    without the autotuner 0.00 s); and on 2 cores it held a decode map at ~1,100 images/s with a core
+    partly idle in about half of the runs (fixed: 1,500-2,200 images/s in every run).
+    """
     options = tf.data.Options()
     options.autotune.enabled = False
-    return ds.with_options(options)
+    return options
 
 
 def _scan(
@@ -534,14 +544,9 @@ def shard_policy(split: Split, num_workers: int) -> "tf.data.experimental.AutoSh
 
 
 def _with_options(ds: tf.data.Dataset, split: Split, num_workers: int) -> tf.data.Dataset:
-    options = tf.data.Options()
+    options = _no_autotuner()
     options.experimental_distribute.auto_shard_policy = shard_policy(split, num_workers)
     options.deterministic = False
-    # No autotuner (AUTOTUNE then means one parallel call per core; prefetch buffers still grow on demand).
-    # Its model thread re-optimises at a period that doubles up to 60 s, and deleting an iterator waited for
-    # the period to run out: `fit` stood still for up to a minute at the phase boundary and after the last
-    # epoch (an iterator used for 150 s took 52 s to delete; without the autotuner 0.00 s, bench/README.md).
-    options.autotune.enabled = False
     return ds.with_options(options)
 
 
