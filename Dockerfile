@@ -1,56 +1,79 @@
-# The tljob training image: the tljob wheel with GPU TensorFlow, ImageNet MobileNetV2 weights baked in, non-root.
+# The tljob training image: the tljob wheel with TensorFlow (GPU by default), ImageNet MobileNetV2 weights
+# baked in, non-root. Every input of the build is a build argument with the registry build as its default:
 #
-#   docker build -t REGION-docker.pkg.dev/PROJECT/tljob/tljob:0.1.0 .
-#   docker build --build-arg MOBILENET_V2_WEIGHTS= ...   # bake no weights (pods download them at start)
+#   docker build -t REGION-docker.pkg.dev/PROJECT/tljob/tljob:0.1.0 .       # registry base, [gpu], weights downloaded
+#   ./dev.sh image                                                          # localhost/tljob:dev with podman (README)
+#
+#   --build-arg TLJOB_EXTRAS=            CPU only (no CUDA wheels: about 3 GB instead of 8)
+#   --build-arg MOBILENET_V2_WEIGHTS=    bake no weights (pods with model.weights=imagenet download them at start)
+#   --build-arg WEIGHTS_SOURCE=local     bake the Keras-named .h5 files of container/weights/ instead of
+#                                        downloading them (air-gapped builds)
+#   --build-arg BASE_IMAGE=IMAGE         another Debian-based image with Python 3.11 at /usr/local/bin/python
 #
 # Base: python:3.11.14-slim-bookworm (Debian 12, Python 3.11), pinned by the digest of its multi-arch
 # index. The digest was taken from public Dockerfiles that pin this tag, not pulled here: verify it with
 # `docker buildx imagetools inspect python:3.11.14-slim-bookworm` before the first build and when bumping.
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS base
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# checkov:skip=CKV_DOCKER_7: the base is the BASE_IMAGE build argument, whose default is pinned by tag and digest (tests/test_dockerfile.py)
+# hadolint ignore=DL3006
+FROM ${BASE_IMAGE} AS base
 
 # --- stage 1: the tljob wheel (the runtime stage gets the wheel only, not the source tree) -------------
 FROM base AS wheel
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# `gpu` adds TensorFlow's CUDA wheels; empty: CPU only.
+ARG TLJOB_EXTRAS=gpu
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN pip wheel --no-deps --wheel-dir /dist .
+# The default job config ships in the wheel as package data (src/tljob/job/ links to it).
+COPY job/ job/
+# The wheel, and its dependencies (with the extras) as a requirements file: the runtime installs those in a
+# layer of their own, which stays cached until the dependencies change, not on every change of src/.
+RUN pip wheel --no-deps --wheel-dir /dist . \
+ && python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+      extras = [r for e in sys.argv[1:] for r in p["optional-dependencies"][e]]; \
+      open("/dist/requirements.txt", "w").write("\n".join(p["dependencies"] + extras) + "\n")' ${TLJOB_EXTRAS}
 
 # --- stage 2: the ImageNet weights Keras would otherwise download in every pod at start --------------
+# Either source ends in /opt/keras/models with keras.json beside it, every file checked to be HDF5 (Keras
+# publishes no checksums; an error page or a truncated body fails the build, not the first pod).
 FROM base AS weights
-# <alpha>_<input size> of each MobileNetV2 no-top file to bake: the recipe's alpha 1.0 at every input
+# download: from the bucket Keras itself downloads from (or a mirror: MOBILENET_V2_WEIGHTS_URL);
+# local: the Keras-named .h5 files put in container/weights/ of the build context (air-gapped builds).
+ARG WEIGHTS_SOURCE=download
+# <alpha>_<input size> of each MobileNetV2 no-top file to download: the recipe's alpha 1.0 at every input
 # size Keras has weights for (about 9 MB each). Empty: bake none.
 ARG MOBILENET_V2_WEIGHTS="1.0_96 1.0_128 1.0_160 1.0_192 1.0_224"
-# Keras publishes no checksums for these files: they come over HTTPS from the bucket Keras itself
-# downloads from, and a file that is not HDF5 (an error page, a truncated body) fails the build.
-RUN mkdir -p /opt/keras/models \
- && printf '%s\n' '{"floatx": "float32", "epsilon": 1e-07, "backend": "tensorflow", "image_data_format": "channels_last"}' \
-      > /opt/keras/keras.json \
- && for pair in ${MOBILENET_V2_WEIGHTS}; do \
-      name="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_${pair}_no_top.h5"; \
-      python -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
-        "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/${name}" "/opt/keras/models/${name}" \
-      && python -c 'import sys; sys.exit(None if open(sys.argv[1], "rb").read(8) == b"\x89HDF\r\n\x1a\n" else sys.argv[1] + ": not an HDF5 file")' \
-        "/opt/keras/models/${name}" \
-      || exit 1; \
-    done
+ARG MOBILENET_V2_WEIGHTS_URL=https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2
+COPY container/ /tmp/container/
+RUN python /tmp/container/bake_weights.py /opt/keras "${WEIGHTS_SOURCE}" "${MOBILENET_V2_WEIGHTS_URL}" \
+      /tmp/container/weights ${MOBILENET_V2_WEIGHTS}
 
 # --- stage 3: the runtime -------------------------------------------------------------------------
 FROM base AS runtime
+ARG BASE_IMAGE
 LABEL org.opencontainers.image.title="tljob" \
       org.opencontainers.image.description="MobileNetV2 transfer-learning training job (TensorFlow, multi-worker)" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 
 # UID/GID 10001: above the host's user range, and the pods' securityContext.runAsUser (manifests/).
 RUN groupadd --gid 10001 tljob \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin tljob
 
-# The wheel is this build's own, and its dependencies are pinned in pyproject.toml, hence DL3013 ignored.
+# constraints.txt pins every dependency at the versions CI tested (README "Development" says how to
+# refresh it: ./dev.sh lock), so an image built next month gets the same libraries.
 # pip compiles every module to bytecode here, so the read-only container never needs to write .pyc files.
+COPY constraints.txt /tmp/deps/
+COPY --from=wheel /dist/requirements.txt /tmp/deps/
+RUN pip install --constraint /tmp/deps/constraints.txt --requirement /tmp/deps/requirements.txt \
+ && rm -rf /tmp/deps
+# The wheel itself is this build's: its dependencies are installed above, and pip check proves it.
 COPY --from=wheel /dist/ /tmp/dist/
 # hadolint ignore=DL3013
-RUN for wheel in /tmp/dist/tljob-*.whl; do pip install "${wheel}[gpu]" || exit 1; done \
+RUN pip install --no-deps /tmp/dist/tljob-*.whl \
+ && pip check \
  && rm -rf /tmp/dist
 
 # Root-owned and read-only for the tljob user.

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The two commands a developer (and CI) needs; each sets up what it uses first.
+# The commands a developer (and CI) needs; each sets up what it uses first.
 #   ./dev.sh dry-run [OUTPUT_DIR]   set up, then train job/dry_run.yaml locally (generated data, < 90 s)
-#   ./dev.sh test [PYTEST_ARGS...]  set up, then run the test suite
+#   ./dev.sh image                  build the container image localhost/tljob:dev with podman (container/build.sh)
+#   ./dev.sh test [PYTEST_ARGS...]  set up, build the image, then run the test suite
 #   ./dev.sh bench [quick|full] [ARGS...]  set up, then benchmark tljob against the tutorial's code
+#   ./dev.sh lock                   re-resolve every dependency into constraints.txt (then run ./dev.sh test)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -10,7 +12,40 @@ PYTHON="${PYTHON:-python3}"
 setup() {
   if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # constraints.txt: the versions CI tested, the same ones the image gets.
+  .venv/bin/python -m pip install -q --constraint constraints.txt -e ".[test]"
+}
+
+# podman builds and runs the image; container/containers.conf fixes its defaults for hosts like CI's.
+image() {
+  if ! command -v podman >/dev/null || ! command -v mmdebstrap >/dev/null; then
+    echo "dev.sh: podman and mmdebstrap are needed to build the image: apt-get install -y podman buildah runc mmdebstrap" >&2
+    exit 2
+  fi
+  export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/container/containers.conf}"
+  container/build.sh
+}
+
+# Every dependency re-resolved from pyproject.toml in a fresh venv (runtime and [test]), plus the
+# versions pip picks for [gpu]'s CUDA wheels beside them (resolved only, not downloaded).
+lock() {
+  local venv
+  venv="$(mktemp -d)/venv"
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q ".[test]"
+  {
+    sed -n '1,/^# ---- resolved/p' constraints.txt
+    "$venv/bin/python" -m pip freeze --exclude tljob
+    "$venv/bin/python" -m pip freeze --exclude tljob > "$venv/../freeze.txt"
+    "$venv/bin/python" -m pip install -q --dry-run --ignore-installed --report "$venv/../gpu.json" \
+      --constraint "$venv/../freeze.txt" ".[gpu]"
+    "$venv/bin/python" -c 'import json, sys; print("\n".join(sorted(i["metadata"]["name"] + "==" + i["metadata"]["version"]
+      for i in json.load(open(sys.argv[1]))["install"] if i["metadata"]["name"].startswith("nvidia-"))))' "$venv/../gpu.json"
+  } > constraints.txt.new
+  mv constraints.txt.new constraints.txt
+  rm -rf "$(dirname "$venv")"
+  echo "dev.sh: constraints.txt re-resolved; run ./dev.sh test, then commit it" >&2
 }
 
 # checkov pins packages that clash with TensorFlow's, so it lives in a virtualenv of its own.
@@ -39,12 +74,21 @@ case "${1:-}" in
     setup
     .venv/bin/tljob train --config job/dry_run.yaml --output "${2:-runs/dry-run}"
     ;;
+  image)
+    use_shared_data
+    image
+    ;;
   test)
     setup
     setup_checkov
     use_shared_data
+    # The suite's container tests run this image; building it first keeps its output out of pytest's.
+    image
     shift
     .venv/bin/python -m pytest "$@"
+    ;;
+  lock)
+    lock
     ;;
   bench)
     setup
@@ -54,7 +98,7 @@ case "${1:-}" in
     .venv/bin/python -m bench.run --mode "$mode" "$@"
     ;;
   *)
-    echo "usage: ./dev.sh dry-run [OUTPUT_DIR] | ./dev.sh test [PYTEST_ARGS...] | ./dev.sh bench [quick|full] [ARGS...]" >&2
+    echo "usage: ./dev.sh dry-run [OUTPUT_DIR] | image | test [PYTEST_ARGS...] | bench [quick|full] [ARGS...] | lock" >&2
     exit 2
     ;;
 esac

@@ -278,6 +278,8 @@ class Trainer:
                      len(self.history), self.attempt)
         if self.ctx.is_chief:
             export.write_json(self._path(STATE), {**state, "attempts": self.attempt})
+            # At once, not with the next phase's end: an attempt that dies before then still counts.
+            self.mirror.push_file(STATE)
         return done
 
     def _mark_phase_done(self, phase: str, done: list[str]) -> None:
