@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tljob import manifests
 from tljob.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,13 +93,15 @@ def test_base_image_is_pinned_by_tag_and_digest() -> None:
 
 def test_runtime_stage_runs_tljob_as_the_pods_user() -> None:
     runtime = list(stages(DOCKERFILE.read_text()).values())[-1]
+    pod = yaml.safe_load((ROOT / "manifests" / "job.yaml").read_text())["spec"]["template"]["spec"]
     users = [args for keyword, args in runtime if keyword == "USER"]
-    assert users and users[-1] == f"{manifests.RUN_AS_USER}:{manifests.RUN_AS_USER}"
+    assert users and users[-1] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
     assert ("ENTRYPOINT", '["tljob"]') in runtime
     env = " ".join(args for keyword, args in runtime if keyword == "ENV")
     assert "KERAS_HOME=/opt/keras" in env and "PYTHONUNBUFFERED=1" in env and "HOME=/tmp" in env
     # HOME and the workdir are the pods' /tmp emptyDir: the one writable place besides staging.
-    assert manifests.TMP_DIR == "/tmp" and ("WORKDIR", "/tmp") in runtime
+    mounts = {mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]}
+    assert "/tmp" in mounts and ("WORKDIR", "/tmp") in runtime
 
 
 def test_installs_the_wheel_with_the_gpu_extra() -> None:
