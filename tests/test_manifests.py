@@ -94,6 +94,40 @@ def test_checked_in_manifests_are_the_default_rendering(tmp_path: Path) -> None:
     assert not stale, f"{stale} differ from the renderer's output: run `tljob manifests -o manifests`"
 
 
+def test_an_installed_wheel_renders_the_checked_in_set(tmp_path: Path) -> None:
+    """Built as a wheel (not an editable install) and run from elsewhere, its package data is enough:
+    the templates and the default job config, which src/tljob/job/ links to the repository's job/."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tree / name)
+    # A checkout's links stay links, as pip sees them there; build outputs of this tree stay out of the copy.
+    for folder in ("src", "job"):
+        shutil.copytree(ROOT / folder, tree / folder, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # No build isolation: the build uses the test extra's setuptools and wheel, offline.
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(tree)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("tljob-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    which = subprocess.run([sys.executable, "-c", "import tljob; print(tljob.__file__)"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, check=True, timeout=60)
+    assert Path(which.stdout.strip()).is_relative_to(site), "the test ran another tljob than the wheel's"
+    result = subprocess.run([sys.executable, "-m", "tljob.cli", "manifests", "-o", "out"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = elsewhere / "out"
+    rendered = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert rendered == {str(p.relative_to(CHECKED_IN)): p.read_bytes() for p in sorted(CHECKED_IN.rglob("*"))
+                        if p.is_file()}
+
+
 def test_the_three_workloads_run_the_same_pod() -> None:
     """The templates state the pod three times; they differ only where the workload needs it."""
     pods = {name: copy.deepcopy(pod) for name, pod in pod_templates(load_dir(CHECKED_IN)).items()}
@@ -447,6 +481,13 @@ def test_bad_inputs_name_the_flag(tmp_path: Path, overrides: dict[str, Any], fla
                                    "tljob@sha256:" + "a" * 64, "us-docker.pkg.dev/p/r/tljob:0.1.0@sha256:" + "0" * 64])
 def test_pinned_images_are_accepted(image: str) -> None:
     manifests.check_image(image)
+
+
+def test_an_install_without_the_default_config_asks_for_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifests, "PACKAGE_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="--config not given .* Fix: pass --config"):
+        render(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_config_key_fails_before_rendering(tmp_path: Path) -> None:

@@ -34,9 +34,8 @@ log = logging.getLogger(__name__)
 # Package data lies beside this module in every install (pip unpacks wheels into folders).
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATES = PACKAGE_DIR / "templates"
+# The recipe's path in the repository, and in the package, where tljob/job/ links to it.
 DEFAULT_CONFIG = "job/cats_vs_dogs.yaml"
-# The repository root when tljob runs from a source checkout (an editable install).
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Placeholder that README "Run on GKE" replaces by rendering with the user's own bucket.
 DEFAULT_OUTPUT = "gs://my-project-tljob/runs/cats_vs_dogs"
 # The ConfigMap's key, which the pods mount as /etc/tljob/job.yaml.
@@ -130,11 +129,12 @@ def set_output(config_text: str, output: str) -> str:
 
 
 def default_config_path() -> Path:
-    """The recipe beside the package in a source checkout; an installed wheel has no job/ folder."""
-    path = REPO_ROOT / DEFAULT_CONFIG
+    """The recipe as package data: tljob/job/ links to the repository's job/ file, and a wheel carries a copy."""
+    path = PACKAGE_DIR / DEFAULT_CONFIG
     if not path.is_file():
-        raise ConfigError(f"--config not given and {DEFAULT_CONFIG} is not beside this installation ({path}). "
-                          f"Fix: pass --config with the job YAML to put in the ConfigMap.")
+        raise ConfigError(f"--config not given and this installation has no {DEFAULT_CONFIG} ({path}): its wheel was "
+                          f"built without the repository's job/ folder (as the Dockerfile's wheel stage is). Fix: pass "
+                          f"--config with the job YAML to put in the ConfigMap, or build the wheel from a checkout.")
     return path
 
 
