@@ -5,6 +5,7 @@ the contracts the program relies on (worker count, addresses, exit codes, harden
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -26,11 +27,14 @@ from tljob.errors import EXIT_CONFIG, EXIT_DATA, EXIT_RETRYABLE, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "manifests"
+TEMPLATES = ROOT / "src" / "tljob" / "templates"
 TLJOB = Path(sys.executable).parent / "tljob"
 # The oldest Kubernetes the manifests promise to work on, and the newest with schemas installed.
 K8S_VERSIONS = ("1.31", "1.37")
 WORKER_COUNTS = (1, 2, 4, 8)
 CHECKOV = Path(os.environ.get("TLJOB_CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
+# The options that drop fields and annotations: no GPU, a namespace, an image pinned by digest.
+PINNED_CPU = {"workers": 4, "gpus_per_worker": 0, "namespace": "ml", "image": "r.example/tljob:1@sha256:" + "0" * 64}
 
 
 def render(tmp_path: Path, **overrides: Any) -> dict[str, dict[str, Any]]:
@@ -90,6 +94,61 @@ def test_checked_in_manifests_are_the_default_rendering(tmp_path: Path) -> None:
     assert not stale, f"{stale} differ from the renderer's output: run `tljob manifests -o manifests`"
 
 
+def test_an_installed_wheel_renders_the_checked_in_set(tmp_path: Path) -> None:
+    """Built as a wheel (not an editable install) and run from elsewhere, its package data is enough:
+    the templates and the default job config, which src/tljob/job/ links to the repository's job/."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tree / name)
+    # A checkout's links stay links, as pip sees them there; build outputs of this tree stay out of the copy.
+    for folder in ("src", "job"):
+        shutil.copytree(ROOT / folder, tree / folder, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # No build isolation: the build uses the test extra's setuptools and wheel, offline.
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(tree)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("tljob-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    which = subprocess.run([sys.executable, "-c", "import tljob; print(tljob.__file__)"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, check=True, timeout=60)
+    assert Path(which.stdout.strip()).is_relative_to(site), "the test ran another tljob than the wheel's"
+    result = subprocess.run([sys.executable, "-m", "tljob.cli", "manifests", "-o", "out"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = elsewhere / "out"
+    rendered = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert rendered == {str(p.relative_to(CHECKED_IN)): p.read_bytes() for p in sorted(CHECKED_IN.rglob("*"))
+                        if p.is_file()}
+
+
+def test_the_three_workloads_run_the_same_pod() -> None:
+    """The templates state the pod three times; they differ only where the workload needs it."""
+    pods = {name: copy.deepcopy(pod) for name, pod in pod_templates(load_dir(CHECKED_IN)).items()}
+    job = pods["job.yaml"]
+    assert job["spec"].pop("subdomain") == "tljob-workers"  # the Job's own headless Service
+    jobset_env = pods["jobset/jobset.yaml"]["spec"]["containers"][0]["env"]
+    pattern = next(var for var in jobset_env if var["name"] == "TLJOB_HOST_PATTERN")
+    assert pattern.pop("value") != next(var for var in job["spec"]["containers"][0]["env"]
+                                        if var["name"] == "TLJOB_HOST_PATTERN").pop("value")
+    assert pods["jobset/jobset.yaml"] == job
+    tfjob = pods["tfjob/tfjob.yaml"]["spec"]
+    assert tfjob.pop("restartPolicy") == "OnFailure" and job["spec"].pop("restartPolicy") == "Never"
+    (container,) = tfjob["containers"]
+    assert (container.pop("name"), container["ports"][0].pop("name")) == ("tensorflow", "tfjob-port")
+    job_container = job["spec"]["containers"][0]
+    del job_container["name"], job_container["ports"][0]["name"]
+    cluster = {"TLJOB_NUM_WORKERS", "TLJOB_PORT", "TLJOB_HOST_PATTERN"}  # TF_CONFIG says it in a TFJob
+    job_container["env"] = [var for var in job_container["env"] if var["name"] not in cluster]
+    assert pods["tfjob/tfjob.yaml"] == job
+
+
 def test_flat_folder_has_no_kustomization_and_variants_sit_in_subfolders() -> None:
     flat = sorted(p.name for p in CHECKED_IN.glob("*.yaml"))
     assert flat == ["configmap.yaml", "job.yaml", "networkpolicy.yaml", "service.yaml", "serviceaccount.yaml"]
@@ -106,13 +165,77 @@ def test_every_file_starts_with_a_purpose_line_and_holds_one_object() -> None:
         assert len([d for d in yaml.safe_load_all(text) if d]) == 1, path
 
 
+def field(line: str) -> str:
+    """A mapping field up to its value (which options change), a list item by its whole first line."""
+    return line.strip() if line.lstrip().startswith("- ") else line.split(":")[0]
+
+
+def reasons(text: str) -> set[tuple[tuple[str, ...], str]]:
+    """(comment lines, the field below them) for every comment block."""
+    pairs, block = set(), []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            block.append(line.strip())
+        elif block:
+            pairs.add((tuple(block), field(line)))
+            block = []
+    return pairs
+
+
+def test_every_template_states_its_purpose_and_its_own_path() -> None:
+    for path in sorted(TEMPLATES.rglob("*.yaml")):
+        name = str(path.relative_to(TEMPLATES))
+        header = list(itertools.takewhile(lambda line: line.startswith("# "), path.read_text().splitlines()))
+        assert len(header) >= 2 and len(header[0]) > 20, f"{name}: no purpose line on top"
+        assert f"From the template src/tljob/templates/{name} via `tljob manifests`" in header[-1], name
+
+
 def test_non_obvious_fields_carry_their_reason() -> None:
     """Spot checks that the reasons land above the fields they explain."""
     job = (CHECKED_IN / "job.yaml").read_text().splitlines()
-    for field in ("completions:", "parallelism:", "backoffLimitPerIndex:", "podReplacementPolicy:",
-                  "restartPolicy: Never", "subdomain:", "automountServiceAccountToken:", "readOnlyRootFilesystem:"):
-        line = next(i for i, text in enumerate(job) if text.strip().startswith(field))
-        assert job[line - 1].strip().startswith("# "), f"job.yaml: {field} has no reason above it"
+    for name in ("completions:", "parallelism:", "backoffLimitPerIndex:", "podReplacementPolicy:",
+                 "restartPolicy: Never", "subdomain:", "automountServiceAccountToken:", "readOnlyRootFilesystem:",
+                 "affinity:", "ephemeral-storage:"):
+        line = next(i for i, text in enumerate(job) if text.strip().startswith(name))
+        assert job[line - 1].strip().startswith("# "), f"job.yaml: {name} has no reason above it"
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    PINNED_CPU,
+    {"gpus_per_worker": 2, "namespace": "ml"},
+])
+def test_options_keep_every_reason_above_its_own_field(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    """Options that drop or add fields (GPUs, namespace, digest) move the comments with them: each reason
+    in a rendering stands above the field it stands above in the template, and none is lost."""
+    config = tmp_path / "job.yaml"
+    config.write_text("name: x\n")  # no comments of its own in the ConfigMap
+    out = tmp_path / "out"
+    render(out, config_path=str(config), **overrides)
+    for path in sorted(TEMPLATES.rglob("*.yaml")):
+        name = str(path.relative_to(TEMPLATES))
+        text = (out / name).read_text()
+        template, rendered = reasons(path.read_text()), reasons(text)
+        assert rendered <= template, f"{name}: reasons above other fields: {rendered - template}"
+        fields = {field(line) for line in text.splitlines()}
+        lost = {pair for pair in template - rendered if pair[1] in fields}
+        assert not lost, f"{name}: reasons lost: {lost}"
+        if not overrides:
+            assert rendered == template, name
+
+
+def test_edits_move_the_reasons_and_template_mistakes_fail_loudly() -> None:
+    doc = manifests.load_yaml("a: 1\n# why b\nb:\n  c: 2\n# why d\nd: 3\n")
+    manifests.drop(doc, "b")
+    manifests.insert_after(doc, "a", "n", "x")
+    assert manifests.dump(doc) == "a: 1\nn: x\n# why d\nd: 3\n"
+    first = manifests.load_yaml("m:\n  # why a\n  a: 1\n  b: 2\n")
+    with pytest.raises(ValueError, match="'a' is the first field"):
+        manifests.drop(first["m"], "a")
+    with pytest.raises(ValueError, match="amount 0.5 cannot be scaled by --gpus-per-worker"):
+        manifests.set_gpus({"job.yaml": manifests.load_yaml(
+            "kind: Job\nspec:\n  template:\n    spec:\n      containers:\n"
+            "      - resources: {limits: {cpu: 0.5, memory: 1Gi}}\n")}, 2)
 
 
 # --- schemas ------------------------------------------------------------------------------------------
@@ -126,9 +249,9 @@ def test_checked_in_core_objects_validate_strictly(version: str) -> None:
         assert kubernetes_validate.validate(obj, version, strict=True) == version, obj["kind"]
 
 
-@pytest.mark.parametrize("workers", WORKER_COUNTS)
-def test_rendered_sets_validate_strictly(tmp_path: Path, workers: int) -> None:
-    objs = render(tmp_path, workers=workers)
+@pytest.mark.parametrize("overrides", [*({"workers": n} for n in WORKER_COUNTS), PINNED_CPU, {"gpus_per_worker": 4}])
+def test_rendered_sets_validate_strictly(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    objs = render(tmp_path, **overrides)
     core = [obj for name, obj in objs.items() if "/" not in name] + crd_templates_as_core_objects(objs)
     for version in K8S_VERSIONS:
         for obj in core:
@@ -271,10 +394,14 @@ def test_cpu_only_workers_ask_for_no_gpu_nodes(tmp_path: Path) -> None:
 
 
 def test_gpus_scale_the_worker_resources(tmp_path: Path) -> None:
+    one = load_dir(CHECKED_IN)["job.yaml"]["spec"]["template"]["spec"]["containers"][0]["resources"]
     pod = render(tmp_path, gpus_per_worker=4)["job.yaml"]["spec"]["template"]["spec"]
     resources = pod["containers"][0]["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == "4"
-    assert int(resources["limits"]["cpu"]) == 4 * manifests.CPU_PER_GPU
+    for amounts in ("limits", "requests"):
+        assert resources[amounts]["nvidia.com/gpu"] == "4"
+        assert int(resources[amounts]["cpu"]) == 4 * int(one[amounts]["cpu"])
+        assert resources[amounts]["memory"] == f"{4 * int(one[amounts]['memory'].removesuffix('Gi'))}Gi"
+    assert resources["requests"]["ephemeral-storage"] == one["requests"]["ephemeral-storage"]
 
 
 def test_service_account_is_for_workload_identity() -> None:
@@ -319,12 +446,14 @@ def test_multi_line_output_in_the_config_is_refused(tmp_path: Path) -> None:
         render(tmp_path / "out", config_path=str(config))
 
 
-def test_yaml_writer_round_trips_awkward_values() -> None:
-    obj = {"a": {"b": ["x", {"name": "n", "v": "1"}, []], "c": {}}, "t": "line 1\n  line 2\n", "q": "yes",
-           "s": "a: b", "e": "tab\tin\nit"}
-    text = manifests.to_yaml(obj, "purpose", {"a.b[n]": "why"})
-    assert yaml.safe_load(text) == obj
-    assert "  # why\n  - name: n" in text
+@pytest.mark.parametrize("text", ["name: x", "name: x\n\n\n", "  # indented\nname: x\n",
+                                  "\n# lead\nname: x   \n# tab\there \u00e9\n"])
+def test_config_map_holds_awkward_config_text_exactly(tmp_path: Path, text: str) -> None:
+    """No trailing newline, blank lines at the end, indentation, trailing spaces, tabs, non-ASCII."""
+    config = tmp_path / "job.yaml"
+    config.write_text(text)
+    objs = render(tmp_path / "out", config_path=str(config))
+    assert objs["configmap.yaml"]["data"]["job.yaml"] == manifests.set_output(text, manifests.DEFAULT_OUTPUT)
 
 
 # --- input validation ---------------------------------------------------------------------------------
@@ -354,6 +483,13 @@ def test_pinned_images_are_accepted(image: str) -> None:
     manifests.check_image(image)
 
 
+def test_an_install_without_the_default_config_asks_for_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifests, "PACKAGE_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="--config not given .* Fix: pass --config"):
+        render(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_config_key_fails_before_rendering(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  sourse: tfds\n")
@@ -372,11 +508,16 @@ def test_cli_bad_flag_exits_with_the_config_code(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not CHECKOV.is_file(), reason=f"checkov not installed at {CHECKOV} (set TLJOB_CHECKOV; "
                     "python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov)")
-def test_checkov_passes_with_only_justified_skips(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides", [None, PINNED_CPU], ids=["checked-in", "pinned-cpu"])
+def test_checkov_passes_with_only_justified_skips(tmp_path: Path, overrides: dict[str, Any] | None) -> None:
+    """The checked-in set, and a rendering whose namespace and digest pass the checks the other skips."""
     scan = tmp_path / "scan"
-    shutil.copytree(CHECKED_IN, scan)
+    if overrides is None:
+        shutil.copytree(CHECKED_IN, scan)
+    else:
+        render(scan, **overrides)
     # checkov knows neither JobSet nor TFJob: their templates are scanned as the core objects they are.
-    for i, obj in enumerate(crd_templates_as_core_objects(load_dir(CHECKED_IN))):
+    for i, obj in enumerate(crd_templates_as_core_objects(load_dir(scan))):
         (scan / f"crd-template-{i}.yaml").write_text(yaml.safe_dump(obj))
     result = subprocess.run([str(CHECKOV), "-d", str(scan), "--framework", "kubernetes", "--skip-download",
                              "--output", "json"], capture_output=True, text=True, timeout=300)
@@ -387,6 +528,8 @@ def test_checkov_passes_with_only_justified_skips(tmp_path: Path) -> None:
     assert summary["passed"] > 50 and summary["resource_count"] >= 7
     for check in report["results"]["skipped_checks"]:
         assert len(check["check_result"].get("suppress_comment", "")) > 20, f"{check['check_id']}: no reason"
+    if overrides is not None:
+        assert summary["skipped"] == 0, [c["check_id"] for c in report["results"]["skipped_checks"]]
 
 
 # --- the pods, played by local processes -----------------------------------------------------------------
