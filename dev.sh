@@ -36,8 +36,8 @@ lock() {
   "$venv/bin/python" -m pip install -q ".[test]"
   {
     sed -n '1,/^# ---- resolved/p' constraints.txt
-    "$venv/bin/python" -m pip freeze --exclude tljob
-    "$venv/bin/python" -m pip freeze --exclude tljob > "$venv/../freeze.txt"
+    "$venv/bin/python" -m pip freeze --all --exclude pip --exclude tljob
+    "$venv/bin/python" -m pip freeze --all --exclude pip --exclude tljob > "$venv/../freeze.txt"
     "$venv/bin/python" -m pip install -q --dry-run --ignore-installed --report "$venv/../gpu.json" \
       --constraint "$venv/../freeze.txt" ".[gpu]"
     "$venv/bin/python" -c 'import json, sys; print("\n".join(sorted(i["metadata"]["name"] + "==" + i["metadata"]["version"]

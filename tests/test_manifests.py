@@ -9,10 +9,8 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tljob import manifests, storage
+from tljob import manifests
 from tljob.cluster import host_addresses
 from tljob.config import load_config
 from tljob.errors import EXIT_CONFIG, EXIT_DATA, EXIT_RETRYABLE, ConfigError
@@ -530,134 +528,3 @@ def test_checkov_passes_with_only_justified_skips(tmp_path: Path, overrides: dic
         assert len(check["check_result"].get("suppress_comment", "")) > 20, f"{check['check_id']}: no reason"
     if overrides is not None:
         assert summary["skipped"] == 0, [c["check_id"] for c in report["results"]["skipped_checks"]]
-
-
-# --- the pods, played by local processes -----------------------------------------------------------------
-
-
-class JobController:
-    """Plays an Indexed Job's pods as local processes: each pod runs the container's command, args and env
-    exactly as the rendered Job states them; its volumes are fresh folders (the paths under a mount
-    point are moved there) and its DNS names are 127.0.0.1 ports. Exits are handled as the Job's
-    podFailurePolicy and backoffLimitPerIndex say."""
-
-    def __init__(self, job: dict[str, Any], config_text: str, tmp: Path, base_env: dict[str, str], port: int):
-        self.spec = job["spec"]
-        self.pod = self.spec["template"]["spec"]
-        (self.container,) = self.pod["containers"]
-        self.config_text, self.tmp, self.base_env, self.port = config_text, tmp, base_env, port
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.failures = dict.fromkeys(range(self.spec["completions"]), 0)
-        self.attempts = dict.fromkeys(range(self.spec["completions"]), 0)
-        self.done: set[int] = set()
-        self.exits: list[tuple[int, int, str]] = []  # (index, exit code, policy action), in order
-
-    def _volumes(self, index: int) -> dict[str, Path]:
-        """mount path -> this pod's folder for it; the ConfigMap's file is written into its volume."""
-        pod_dir = self.tmp / f"pod-{index}-attempt-{self.attempts[index]}"
-        folders = {m["mountPath"]: pod_dir / m["name"] for m in self.container["volumeMounts"]}
-        for folder in folders.values():
-            folder.mkdir(parents=True)
-        (folders["/etc/tljob"] / "job.yaml").write_text(self.config_text)
-        return folders
-
-    def start(self, index: int) -> None:
-        self.attempts[index] += 1
-        folders = self._volumes(index)
-
-        def local(value: str) -> str:
-            for mount, folder in folders.items():
-                if value == mount or value.startswith(mount + "/"):
-                    return str(folder) + value[len(mount):]
-            return value
-
-        env = {e["name"]: local(e["value"]) for e in self.container["env"]}
-        env.update({
-            # Set by Kubernetes for an Indexed Job's pod.
-            "JOB_COMPLETION_INDEX": str(index),
-            # The pods' DNS names, played by local ports.
-            "TLJOB_HOST_PATTERN": "127.0.0.1:{index_port}", "TLJOB_PORT": str(self.port),
-            # The image's ENV (HOME=/tmp), on this pod's /tmp volume; TMPDIR plays /tmp itself.
-            "HOME": str(folders["/tmp"]), "TMPDIR": str(folders["/tmp"]),
-            **self.base_env,
-        })
-        command = [str(Path(sys.executable).parent / self.container["command"][0]),
-                   *self.container["command"][1:], *(local(a) for a in self.container["args"])]
-        # Left open on purpose: the child process writes to it until it ends.
-        log = open(self.tmp / f"pod-{index}-attempt-{self.attempts[index]}.log", "wb")  # noqa: SIM115
-        self.procs[index] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def action(self, exit_code: int) -> str:
-        """The first podFailurePolicy rule that matches the exit code; Count when none does."""
-        for rule in self.spec["podFailurePolicy"]["rules"]:
-            codes = rule.get("onExitCodes")
-            if codes and (exit_code in codes["values"]) == (codes["operator"] == "In"):
-                return rule["action"]
-        return "Count"
-
-    def run(self, deadline_s: float, on_tick: Any = None) -> None:
-        """Until every index has succeeded; fails the test when the Job would fail."""
-        for index in self.failures:
-            self.start(index)
-        deadline = time.monotonic() + deadline_s
-        while len(self.done) < len(self.failures):
-            assert time.monotonic() < deadline, f"the Job did not finish in {deadline_s} s: {self.logs()}"
-            if on_tick:
-                on_tick(self)
-            for index, proc in list(self.procs.items()):
-                code = proc.poll()
-                if code is None or index in self.done:
-                    continue
-                code = 128 - code if code < 0 else code  # a signal shows as 128 + its number, as in a pod
-                if code == 0:
-                    self.done.add(index)
-                    continue
-                action = self.action(code)
-                self.exits.append((index, code, action))
-                assert action != "FailJob", f"pod {index} exited {code}: the Job fails. {self.logs()}"
-                if action == "Count":
-                    self.failures[index] += 1
-                    assert self.failures[index] <= self.spec["backoffLimitPerIndex"], (
-                        f"index {index} is out of restarts: the Job fails. {self.logs()}")
-                self.start(index)
-            time.sleep(0.2)
-
-    def kill(self, index: int) -> None:
-        self.procs[index].send_signal(signal.SIGKILL)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.tmp.glob("pod-*.log")))
-
-
-@pytest.mark.multiworker
-def test_the_pods_as_the_job_runs_them(tmp_path: Path, gcs_bucket: str) -> None:
-    """Two pods from the rendered Job, on the dry-run config and a gs:// output; one pod is killed
-    after the first epoch, the Job's policies restart the pods, and the run still publishes."""
-    from fixtures_gcs import free_port
-
-    small = yaml.safe_load((ROOT / "job" / "dry_run.yaml").read_text())
-    small["data"]["synthetic"].update(train_examples=128, validation_examples=32, test_examples=32)
-    small["train"]["feature_extraction"]["epochs"] = 1
-    small["train"]["fine_tuning"]["epochs"] = 1
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(small))
-    output = f"{gcs_bucket}/runs/pods"
-    objs = render(tmp_path / "manifests", workers=2, config_path=str(config), output=output)
-    base_env = {"PATH": os.environ["PATH"], "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}
-    controller = JobController(objs["job.yaml"], objs["configmap.yaml"]["data"]["job.yaml"],
-                               tmp_path / "pods", base_env, port=free_port())
-    (tmp_path / "pods").mkdir()
-    killed: list[int] = []
-
-    def kill_after_first_epoch(c: JobController) -> None:
-        if not killed and storage.exists(f"{output}/status.json"):
-            c.kill(1)
-            killed.append(1)
-
-    controller.run(deadline_s=400, on_tick=kill_after_first_epoch)
-    assert killed, "the run finished before the first status.json: nothing was killed"
-    assert storage.is_finished(output), controller.logs()
-    assert controller.exits[0][:2] == (1, 128 + signal.SIGKILL), controller.exits
-    assert controller.attempts[0] >= 2 and controller.attempts[1] >= 2, f"both pods restart: {controller.exits}"
-    status = json.loads(storage.read_text(f"{output}/status.json"))
-    assert status["state"] == "succeeded" and status["num_workers"] == 2
