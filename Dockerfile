@@ -21,19 +21,22 @@ FROM ${BASE_IMAGE} AS base
 # --- stage 1: the tljob wheel (the runtime stage gets the wheel only, not the source tree) -------------
 FROM base AS wheel
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-# `gpu` adds TensorFlow's CUDA wheels; empty: CPU only.
-ARG TLJOB_EXTRAS=gpu
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src/ src/
 # The default job config ships in the wheel as package data (src/tljob/job/ links to it).
 COPY job/ job/
-# The wheel, and its dependencies (with the extras) as a requirements file: the runtime installs those in a
-# layer of their own, which stays cached until the dependencies change, not on every change of src/.
-RUN pip wheel --no-deps --wheel-dir /dist . \
- && python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+RUN pip wheel --no-deps --wheel-dir /dist .
+
+# The wheel's dependencies (with the extras) as a requirements file, from pyproject.toml alone: the runtime
+# installs them in a layer of their own, cached until the dependencies change, not on every change of src/.
+FROM base AS requirements
+# `gpu` adds TensorFlow's CUDA wheels; empty: CPU only.
+ARG TLJOB_EXTRAS=gpu
+COPY pyproject.toml /src/
+RUN python -c 'import sys, tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; \
       extras = [r for e in sys.argv[1:] for r in p["optional-dependencies"][e]]; \
-      open("/dist/requirements.txt", "w").write("\n".join(p["dependencies"] + extras) + "\n")' ${TLJOB_EXTRAS}
+      open("/src/requirements.txt", "w").write("\n".join(p["dependencies"] + extras) + "\n")' ${TLJOB_EXTRAS}
 
 # --- stage 2: the ImageNet weights Keras would otherwise download in every pod at start --------------
 # Either source ends in /opt/keras/models with keras.json beside it, every file checked to be HDF5 (Keras
@@ -66,7 +69,7 @@ RUN groupadd --gid 10001 tljob \
 # refresh it: ./dev.sh lock), so an image built next month gets the same libraries.
 # pip compiles every module to bytecode here, so the read-only container never needs to write .pyc files.
 COPY constraints.txt /tmp/deps/
-COPY --from=wheel /dist/requirements.txt /tmp/deps/
+COPY --from=requirements /src/requirements.txt /tmp/deps/
 RUN pip install --constraint /tmp/deps/constraints.txt --requirement /tmp/deps/requirements.txt \
  && rm -rf /tmp/deps
 # The wheel itself is this build's: its dependencies are installed above, and pip check proves it.
