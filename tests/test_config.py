@@ -70,6 +70,8 @@ BAD = [
     (["data.source=folder", "data.train=/no/such/dir"], "data.train", "/no/such/dir"),
     (["data.source=folder", "data.train=null"], "data.train", "training folder path"),
     (["data.source=tfrecord", "data.train=/no/such/records"], "data.train", "tljob convert"),
+    # An absolute glob is checked like a relative one (Path.glob raised NotImplementedError: exit 1).
+    (["data.source=tfrecord", "data.train=/no/such/records/*.tfrecord"], "data.train", "/no/such/records/*.tfrecord"),
     (["data.source=parquet"], "data.source", "folder, tfds, tfrecord, synthetic"),
     (["model.weights=/no/such/weights.h5"], "model.weights", "does not exist"),
     (["model.weights=weights.bin"], "model.weights", ".h5"),
@@ -92,6 +94,13 @@ def test_bad_values_name_key_value_and_fix(overrides: list[str], key: str, fix: 
         load_config(ROOT / "job" / "dry_run.yaml", overrides, environ={})
     message = str(info.value)
     assert key in message and fix in message
+
+
+def test_absolute_tfrecord_glob_loads(tmp_path: Path) -> None:
+    (tmp_path / "data-00000-of-00001.tfrecord").write_bytes(b"")
+    pattern = str(tmp_path / "*.tfrecord")
+    cfg = load_config(ROOT / "job" / "dry_run.yaml", ["data.source=tfrecord", f"data.train={pattern}"], environ={})
+    assert cfg.data.train == pattern
 
 
 def test_missing_config_file() -> None:

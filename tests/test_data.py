@@ -12,7 +12,7 @@ import pytest
 import tljob  # noqa: F401  (selects tf-keras before TensorFlow loads)
 import tensorflow as tf
 
-from tljob import data
+from tljob import data, storage
 from tljob.config import AugmentConfig, DataConfig
 from tljob.errors import ConfigError, DataError
 
@@ -121,6 +121,27 @@ def test_convert_then_read_tfrecords(tmp_path: Path) -> None:
     per_shard = [[tf.train.Example.FromString(r.numpy()).features.feature["image/class/label"].int64_list.value[0]
                   for r in tf.data.TFRecordDataset(str(f))] for f in shards]
     assert any(labels != sorted(labels) for labels in per_shard), per_shard
+
+
+def test_tfrecord_globs_local_and_gs(tmp_path: Path, gcs_bucket: str) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"x": 4, "y": 4}, size=36)
+    data.convert_folder(str(root), str(tmp_path / "rec"), shards=4)
+    (tmp_path / "rec" / "notes.txt").write_text("not a shard")
+    storage.upload_tree(str(tmp_path / "rec"), gcs_bucket + "/rec")
+    cache = str(tmp_path / "cache")
+    for train in (str(tmp_path / "rec" / "*.tfrecord"), gcs_bucket + "/rec/*.tfrecord"):
+        cfg = DataConfig(source="tfrecord", train=train, validation=None, test=None, image_size=32, batch_size=4)
+        ds = data.load_dataset(cfg, seed=0, cache_dir=cache)
+        assert ds.class_names == ["x", "y"] and ds.train.num_examples == 8, train
+    # Half the shards (records are dealt round robin): counted, not meta.json's count of the whole folder.
+    part = DataConfig(source="tfrecord", train=gcs_bucket + "/rec/data-0000[01]-*.tfrecord", validation=None,
+                      test=None, image_size=32, batch_size=4, cache="none")
+    ds = data.load_dataset(part, seed=0, cache_dir=cache)
+    assert ds.train.num_examples == 4 and ds.train.num_files == 2
+    assert sum(int(x.shape[0]) for x, _ in data.eval_pipeline(ds.train, global_batch=3, num_workers=1)) == 4
+    nothing = dataclasses.replace(part, train=gcs_bucket + "/rec/train-*.tfrecord")
+    with pytest.raises(ConfigError, match=r"data\.train: no TFRecord files at .*/rec/train-\*\.tfrecord"):
+        data.load_dataset(nothing, seed=0, cache_dir=cache)
 
 
 def test_tfds_source_with_mock_data(tmp_path: Path) -> None:

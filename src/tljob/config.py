@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import hashlib
 import json
 import os
@@ -382,10 +383,12 @@ def validate(cfg: JobConfig) -> None:
 
 
 def _tfrecord_exists(path: str) -> bool:
+    """A local folder of shards, a shard, or a glob (absolute or relative) that matches at least one file."""
     p = Path(path)
     if p.is_dir():
         return any(p.glob("*.tfrecord*"))
-    return any(Path().glob(path)) if any(ch in path for ch in "*?[") else p.is_file()
+    # glob.glob, not Path.glob: Path().glob refuses absolute patterns (NotImplementedError, exit 1).
+    return any(os.path.isfile(f) for f in glob.glob(path)) if any(ch in path for ch in "*?[") else p.is_file()
 
 
 # ----------------------------------------------------------------------------- output

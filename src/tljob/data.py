@@ -234,27 +234,54 @@ _FEATURES = {
 }
 
 
-def _tfrecord_files(path: str) -> list[str]:
-    p = Path(path)
-    files = sorted(str(f) for f in p.glob("*.tfrecord*")) if p.is_dir() else sorted(tf.io.gfile.glob(path))
+def _tfrecord_source(key: str, path: str, cache_dir: str) -> tuple[list[str], dict]:
+    """data.<key>'s shards, staged locally, and the meta.json that `tljob convert` wrote beside them.
+
+    `path` is a folder of shards, one shard, or a glob of shards in one folder (`/data/train-*.tfrecord`,
+    `gs://bucket/flowers/*.tfrecord`), local or gs://.
+    """
+    if storage.has_wildcards(path):
+        folder = storage.parent(path)
+        if storage.has_wildcards(folder):
+            raise ConfigError(
+                f"data.{key}: {path!r} has wildcards in a folder name; tljob reads the class names from the "
+                f"{TFRECORD_META} beside the shards, so they must be in one folder. Fix: put the wildcards in "
+                f"the file name only, e.g. {storage.join(storage.parent(folder), 'train', '*.tfrecord')!r}."
+            )
+        files = storage.stage_matching(path, cache_dir)
+    else:
+        local = storage.stage_input(path, cache_dir)
+        if Path(local).is_dir():  # the local copy: a gs:// folder is staged whole
+            folder, files = path, sorted(str(f) for f in Path(local).glob("*.tfrecord*"))
+        else:
+            folder, files = storage.parent(path), [local]
     if not files:
-        raise ConfigError(f"no TFRecord files at {path!r}. Fix: write them with `tljob convert`.")
-    return files
-
-
-def _read_tfrecord_meta(path: str) -> dict:
-    p = Path(path)
-    meta = (p if p.is_dir() else p.parent) / TFRECORD_META
-    if not meta.is_file():
         raise ConfigError(
-            f"{meta} not found: tljob needs the class names written by `tljob convert`. Fix: convert the "
-            f"folder with `tljob convert`, or add {TFRECORD_META} with {{\"class_names\": [...]}}."
+            f"data.{key}: no TFRecord files at {path!r}. Fix: write them with `tljob convert`, or point it at a "
+            f"folder, a file or a glob (*.tfrecord) of shards."
         )
-    return json.loads(meta.read_text())
+    return files, _read_tfrecord_meta(key, storage.join(folder, TFRECORD_META))
 
 
-def _tfrecord_split(name: str, path: str, cfg: DataConfig, cache: bool, num_examples: int) -> Split:
-    files = _tfrecord_files(path)
+def _read_tfrecord_meta(key: str, meta_path: str) -> dict:
+    try:
+        meta = json.loads(storage.read_text(meta_path))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"data.{key}: {meta_path} not found: tljob needs the class names written by `tljob convert`. Fix: "
+            f"convert the folder with `tljob convert`, or add {TFRECORD_META} with {{\"class_names\": [...]}}."
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"data.{key}: {meta_path} is not valid JSON ({exc}). Fix: write it again with "
+                        f"`tljob convert`.") from exc
+    names = meta.get("class_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DataError(f"data.{key}: {meta_path} has no list of class names (\"class_names\": [...]). Fix: write "
+                        f"it again with `tljob convert`.")
+    return meta
+
+
+def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool, num_examples: int) -> Split:
     records = tf.data.TFRecordDataset(files, num_parallel_reads=AUTOTUNE).map(
         lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=AUTOTUNE
     )
@@ -281,18 +308,30 @@ def _parse_decode(record: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Ten
 def _load_tfrecord(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     del seed  # TFRecord splits are given as separate directories; shuffling happens in the pipeline
     paths = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
-    local = {k: storage.stage_input(v, cache_dir) for k, v in paths.items() if v}
-    metas = {k: _read_tfrecord_meta(v) for k, v in local.items()}
+    sources = {k: _tfrecord_source(k, v, cache_dir) for k, v in paths.items() if v}
+    metas = {k: meta for k, (_, meta) in sources.items()}
     class_names = metas["train"]["class_names"]
     for key, meta in metas.items():
         if meta["class_names"] != class_names:
             raise DataError(f"data.{key}: classes {meta['class_names']} differ from data.train's {class_names}.")
-    good = sum(int(m.get("num_examples", 0)) for m in metas.values())
+    counts = {k: _count_examples(k, files, meta) for k, (files, meta) in sources.items()}
+    good = sum(counts.values())
     cache = _want_cache(cfg, good)
-    splits = {k: _tfrecord_split(k, v, cfg, cache, int(metas[k].get("num_examples", 0))) for k, v in local.items()}
-    # Files `tljob convert` left out count as this run's bad files: same report, same limit.
-    bad = [f for m in metas.values() for f in m.get("bad_files", [])]
+    splits = {k: _tfrecord_split(k, files, cfg, cache, counts[k]) for k, (files, _) in sources.items()}
+    # Files `tljob convert` left out count as this run's bad files: same report, same limit. Splits that are
+    # globs over one converted folder share its meta.json: each left-out file counts once.
+    bad = list(dict.fromkeys(f for m in metas.values() for f in m.get("bad_files", [])))
     return _finish(cfg, class_names, splits, bad, good + len(bad))
+
+
+def _count_examples(key: str, files: list[str], meta: dict) -> int:
+    """meta.json's count describes all of its folder's shards; a glob that picks some of them is counted."""
+    if len(files) == meta.get("shards") and "num_examples" in meta:
+        return int(meta["num_examples"])
+    n = int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda count, _: count + 1))
+    log.info("data.%s: %d of the folder's %s shards, %d records (counted)", key, len(files),
+             meta.get("shards", "?"), n)
+    return n
 
 
 def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_size: int | None = None) -> dict:
