@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import tljob  # noqa: F401  (selects tf-keras before TensorFlow loads)
 import tensorflow as tf
@@ -41,6 +42,21 @@ def test_folder_skips_and_names_bad_files(tmp_path: Path) -> None:
     assert sorted(np.bincount(ds.train.labels).tolist()) == [6, 6]
 
 
+def test_no_file_is_passed_over_for_its_extension(tmp_path: Path) -> None:
+    # Nothing is filtered by name: what decodes trains (WebP too), the rest joins the bad-file report and limit.
+    root = make_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3}, size=32)
+    Image.open(root / "cat" / "cat_0.jpg").save(root / "cat" / "photo.webp", "WEBP")
+    (root / "dog" / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (root / "dog" / "scan.tiff").write_bytes(b"II*\x00" + bytes(64))
+    (root / "dog" / "labels.csv").write_text("file,label\n")
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00")
+    ds = data.load_dataset(folder_cfg(root, max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path / "c"))
+    assert sorted(Path(p).name for p in ds.bad_files) == ["labels.csv", "photo.heic", "scan.tiff"]
+    assert ds.total_files == 10 and ds.train.num_examples == 7
+    with pytest.raises(DataError, match="3 of 10 files"):
+        data.load_dataset(folder_cfg(root, max_bad_fraction=0.2), seed=1, cache_dir=str(tmp_path / "c"))
+
+
 def test_folder_streamed_when_cache_off(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "imgs", {"a": 5, "b": 3}, size=36)
     (root / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -69,6 +85,22 @@ def test_too_many_bad_files_is_a_data_error(tmp_path: Path) -> None:
         (root / "a" / f"bad{i}.jpg").write_text("nope")
     with pytest.raises(DataError, match="max_bad_fraction"):
         data.load_dataset(folder_cfg(root, max_bad_fraction=0.1), seed=1, cache_dir=str(tmp_path))
+
+
+def test_class_folder_without_usable_images_is_a_data_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"cat": 4, "dog": 0, "fox": 0}, size=32)
+    (root / "fox" / "broken.jpg").write_text("not an image")
+    with pytest.raises(DataError, match=r"data\.train: class folders without a usable image: .*/imgs/dog \(no files\); "
+                                        r".*/imgs/fox \(1 files, none decodes\)"):
+        data.load_dataset(folder_cfg(root, max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path))
+    val = make_image_folder(tmp_path / "val", {"cat": 1, "dog": 0, "fox": 1}, size=32)
+    (root / "dog" / "dog.jpg").write_bytes((val / "cat" / "cat_0.jpg").read_bytes())
+    (root / "fox" / "fox.jpg").write_bytes((val / "cat" / "cat_0.jpg").read_bytes())
+    with pytest.raises(DataError, match=r"data\.validation: .*/val/dog \(no files\)\."):
+        data.load_dataset(folder_cfg(root, validation=str(val), max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path))
+    (root / "dog" / "dog.jpg").unlink()
+    with pytest.raises(DataError, match=r"--input: .*/imgs/dog \(no files\)"):
+        data.convert_folder(str(root), str(tmp_path / "rec"), shards=1)
 
 
 def test_fraction_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -169,6 +170,24 @@ def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, items
 
 
+def check_every_class_has_images(key: str, root: str, class_names: list[str], items: list[tuple[str, int]],
+                                 bad: list[str]) -> None:
+    """Every class sub-folder must give at least one image that decodes.
+
+    The class names are the sub-folders, so an empty one (or one of bad files only) would still get an output
+    of the model's head that no image ever trains: a 2-class model trained on one class, and exit 0.
+    """
+    bad_set = set(bad)
+    files = Counter(label for _, label in items)
+    usable = Counter(label for path, label in items if path not in bad_set)
+    empty = [(name, files[k]) for k, name in enumerate(class_names) if not usable[k]]
+    if empty:
+        shown = "; ".join(f"{storage.join(root, name)} ({f'{n} files, none decodes' if n else 'no files'})"
+                          for name, n in empty)
+        raise DataError(f"{key}: class folders without a usable image: {shown}. Fix: add images of that class, "
+                        f"or remove the folder to train without the class.")
+
+
 def _folder_splits(parts: dict[str, list[tuple[str, int]]], cfg: DataConfig, cache: bool,
                    bad: list[str]) -> dict[str, Split]:
     """Every split in one decode pass: one pipeline to build, warm up and drain instead of one per split."""
@@ -200,6 +219,8 @@ def _folder_splits(parts: dict[str, list[tuple[str, int]]], cfg: DataConfig, cac
 def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     train_root = storage.stage_input(cfg.train, cache_dir)
     class_names, train_items = list_image_folder(train_root)
+    # Each folder as listed, before any fractions are carved out of it: every class must have images there.
+    folders = {"train": train_items}
     parts: dict[str, list[tuple[str, int]]] = {"train": train_items}
     val_items = test_items = None
     if cfg.validation_fraction or cfg.test_fraction:
@@ -214,7 +235,7 @@ def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
                     f"data.{key}: classes {names} differ from data.train's {class_names}. Fix: use the same "
                     f"class sub-folders in every split."
                 )
-            parts[key] = items
+            parts[key] = folders[key] = items
     total = sum(len(v) for v in parts.values())
     cache = _want_cache(cfg, total)
     if not cache:
@@ -223,7 +244,10 @@ def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
         random.Random(seed).shuffle(parts["train"])
     bad: list[str] = []
     splits = _folder_splits(parts, cfg, cache, bad)
-    return _finish(cfg, class_names, splits, bad, total)
+    dataset = _finish(cfg, class_names, splits, bad, total)
+    for key, items in folders.items():
+        check_every_class_has_images(f"data.{key}", getattr(cfg, key), class_names, items, bad)
+    return dataset
 
 
 # ----------------------------------------------------------------------------- TFRecord source
@@ -352,6 +376,7 @@ def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_si
     random.Random(0).shuffle(good)
     bad = [p for i, p in enumerate(paths) if i not in good_set]
     _report_bad(bad, len(paths))
+    check_every_class_has_images("--input", input_dir, class_names, items, bad)
     # Local outputs are written in place; gs:// outputs are written to scratch and uploaded in one sync.
     out = scratch / "records" if storage.is_remote(output_dir) else Path(storage.local_path(output_dir))
     out.mkdir(parents=True, exist_ok=True)
