@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from backups import backed_up_epoch
-from tljob.errors import EXIT_OK
+from tljob.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DRY_RUN = str(ROOT / "job" / "dry_run.yaml")
@@ -187,3 +187,20 @@ def test_data_error_exits_3_and_names_the_files(tmp_path: Path) -> None:
                  "--set", f"data.train={root}", "--set", "data.max_bad_fraction=0.1", timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "corrupt.jpg" in proc.stderr and "data.max_bad_fraction" in proc.stderr
+
+
+def test_batch_larger_than_the_training_set_is_a_config_error(tmp_path: Path) -> None:
+    proc = tljob("train", "--config", DRY_RUN, "--output", str(tmp_path / "run"), "--set", "data.batch_size=161",
+                 "--set", "data.synthetic.validation_examples=0", "--set", "data.synthetic.test_examples=0",
+                 timeout=120)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    assert "data.batch_size=161: the global batch (161 x 1 replicas = 161) is larger than the 160 training " \
+           "images. Fix: set data.batch_size to at most 160" in proc.stderr
+    assert "Traceback" not in proc.stderr and "phase feature_extraction" not in proc.stderr
+    from tljob.train import check_global_batch
+
+    check_global_batch(160, 80, 2)
+    with pytest.raises(ConfigError, match=r"\(81 x 2 replicas = 162\) is larger than the 160 .* at most 80,"):
+        check_global_batch(160, 81, 2)
+    with pytest.raises(ConfigError, match="2 replicas need at least 2 images"):
+        check_global_batch(1, 1, 2)

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tljob import cluster, data, export, fastval, faults, model as model_lib, storage
 from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
-from tljob.errors import EXIT_OK, DataError, RetryableError
+from tljob.errors import EXIT_OK, ConfigError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,24 @@ def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
     # it, and workers sharing a disk (several on one machine) never write into each other's.
     name = "".join(ch if ch.isalnum() else "_" for ch in output.removeprefix("gs://"))
     return root / "tljob-staging" / name / f"worker-{task_index}"
+
+
+def check_global_batch(num_examples: int, batch_size: int, replicas: int) -> None:
+    """ConfigError when the global batch is larger than the training set, before any training step.
+
+    The endless training stream would fill each batch with repeats of the same images, and a batch's
+    augmentation holds the whole batch as float images at once: far too large a batch ended in an
+    out-of-memory traceback (exit 1) instead of this message. With it, every epoch has a full batch.
+    """
+    global_batch = batch_size * replicas
+    if global_batch <= num_examples:
+        return
+    most = num_examples // replicas
+    fix = (f"set data.batch_size to at most {most}, or add training data" if most
+           else f"add training data: {replicas} replicas need at least {replicas} images")
+    raise ConfigError(
+        f"data.batch_size={batch_size}: the global batch ({batch_size} x {replicas} replicas = {global_batch}) is "
+        f"larger than the {num_examples} training images. Fix: {fix}.")
 
 
 def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
@@ -314,12 +332,9 @@ class Trainer:
         cache_dir = self.cfg.data.cache_dir or str(self.ctx.staging.parent / "tljob-data-cache")
         ds = data.load_dataset(self.cfg.data, seed=self.cfg.seed, cache_dir=cache_dir)
         workers = self.ctx.spec.num_workers
+        check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
             ds.train.num_examples, self.ctx.global_batch, drop_remainder=workers > 1)
-        if steps < 1:
-            raise DataError(
-                f"{ds.train.num_examples} training images make no full global batch of {self.ctx.global_batch}. "
-                f"Fix: lower data.batch_size or add data.")
         # One endless stream, `steps` batches per epoch: with a finite dataset Keras makes a new iterator
         # every epoch, and tearing the old one down stalled epochs by up to 40 s (real recipe, 2 CPUs).
         train_ds = data.distributed_train_input(self.strategy, ds.train, global_batch=self.ctx.global_batch,
