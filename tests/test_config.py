@@ -115,17 +115,33 @@ def test_digest_ignores_output_only() -> None:
     assert digest(a) == digest(b) != digest(c)
 
 
-def test_cli_config_error_exits_2_before_tensorflow(tmp_path: Path) -> None:
-    """Exit code 2, the message on stderr, and no TensorFlow import (fast failure)."""
+def cli_without_tensorflow(*args: str) -> subprocess.CompletedProcess:
+    """`tljob ARGS` in a fresh process that fails if TensorFlow was imported (config errors must be fast)."""
     code = (
         "import sys; from tljob.cli import main; rc = main(sys.argv[1:]); "
         "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "train", "--config", str(ROOT / "job" / "dry_run.yaml"),
-         "--set", "train.fine_tuning.fine_tune_at=999", "--output", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=60,
-    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_config_error_exits_2_before_tensorflow(tmp_path: Path) -> None:
+    """Exit code 2, the message on stderr, and no TensorFlow import (fast failure)."""
+    proc = cli_without_tensorflow("train", "--config", str(ROOT / "job" / "dry_run.yaml"),
+                                  "--set", "train.fine_tuning.fine_tune_at=999", "--output", str(tmp_path / "run"))
     assert proc.returncode == EXIT_CONFIG, proc.stderr
     assert "train.fine_tuning.fine_tune_at" in proc.stderr and "999" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_reads_the_config_from_a_bucket(gcs_bucket: str, tmp_path: Path) -> None:
+    from tljob import storage
+
+    # The bucket's copy carries a bad value: its message proves the CLI read and validated that text.
+    text = (ROOT / "job" / "dry_run.yaml").read_text().replace("fine_tune_at: 100", "fine_tune_at: 999")
+    storage.write_text(gcs_bucket + "/jobs/job.yaml", text)
+    proc = cli_without_tensorflow("train", "--config", gcs_bucket + "/jobs/job.yaml", "--output", str(tmp_path / "r"))
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    assert "train.fine_tuning.fine_tune_at: invalid value 999" in proc.stderr
+    proc = cli_without_tensorflow("train", "--config", gcs_bucket + "/jobs/nope.yaml", "--output", str(tmp_path / "r"))
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    assert f"--config {gcs_bucket}/jobs/nope.yaml: no such file" in proc.stderr

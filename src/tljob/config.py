@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -165,11 +165,16 @@ def load_config(
     path: str | os.PathLike[str] | None,
     overrides: list[str] | tuple[str, ...] = (),
     environ: Mapping[str, str] | None = None,
+    read: Callable[[str], str] | None = None,
 ) -> JobConfig:
-    """Loads YAML, applies environment then ``--set`` overrides, builds and validates the tree."""
+    """Loads YAML, applies environment then ``--set`` overrides, builds and validates the tree.
+
+    `read` gives the text of `path`; by default a local file is read. The CLI passes tljob.storage's
+    reader, so that `--config gs://bucket/job.yaml` works (this module imports nothing of tljob).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = _read_yaml(str(path), read or _read_local)
     for key, value in env_overrides(os.environ if environ is None else environ):
         _set_dotted(raw, key, value, origin=f"environment variable {ENV_PREFIX}{key.upper().replace('.', '__')}")
     for item in overrides:
@@ -180,11 +185,22 @@ def load_config(
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file. Fix: pass a YAML file such as job/dry_run.yaml.")
+def _read_local(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _read_yaml(path: str, read: Callable[[str], str]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = read(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ConfigError(f"--config {path}: no such file. Fix: pass a YAML file such as job/dry_run.yaml "
+                          f"(or gs://bucket/job.yaml).") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"--config {path}: not readable ({exc}). Fix: make it readable by this user.") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({exc}). Fix: pass the YAML file itself.") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from exc
     if data is None:
