@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tljob.config import JobConfig, digest, load_config, parse_override, to_yaml
+from tljob.config import JobConfig, changes_on_resume, digest, load_config, parse_override, to_yaml
 from tljob.errors import EXIT_CONFIG, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +145,22 @@ def test_cli_reads_the_config_from_a_bucket(gcs_bucket: str, tmp_path: Path) -> 
     proc = cli_without_tensorflow("train", "--config", gcs_bucket + "/jobs/nope.yaml", "--output", str(tmp_path / "r"))
     assert proc.returncode == EXIT_CONFIG, proc.stderr
     assert f"--config {gcs_bucket}/jobs/nope.yaml: no such file" in proc.stderr
+
+
+def test_changes_on_resume_lists_unsafe_keys_only() -> None:
+    dry = ROOT / "job" / "dry_run.yaml"
+    saved = to_yaml(load_config(dry, ["output=/runs/a"], environ={}))
+    safe = load_config(dry, ["output=file:///runs/a", "runtime.staging_dir=/scratch", "runtime.peer_timeout_s=90",
+                             "runtime.log_sync_s=5", "data.cache=none", "train.steps_per_execution=4"], environ={})
+    assert changes_on_resume(saved, "params.yaml", safe) == []
+    other = load_config(dry, ["train.fine_tuning.epochs=9", "data.source=folder", f"data.train={ROOT}",
+                              "model.dropout=0.5", "runtime.log_sync_s=5"], environ={})
+    assert changes_on_resume(saved, "params.yaml", other) == [
+        "data.source: 'synthetic' -> 'folder'", f"data.train: None -> '{ROOT}'", "model.dropout: 0.2 -> 0.5",
+        "train.fine_tuning.epochs: 2 -> 9"]
+    # A key that an older params.yaml had, or lacked, is a difference too.
+    older = saved.replace("seed: 42\n", "seed: 42\nretired_key: 1\n").replace("  alpha: 0.35\n", "")
+    assert changes_on_resume(older, "params.yaml", safe) == ["model.alpha: (absent) -> 0.35",
+                                                             "retired_key: 1 -> (absent)"]
+    with pytest.raises(ConfigError, match="params.yaml: not a config"):
+        changes_on_resume("[1, 2", "params.yaml", safe)

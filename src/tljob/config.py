@@ -418,6 +418,57 @@ def to_yaml(cfg: JobConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# What may change when an unfinished run is resumed: where and how it runs, never what it trains. Any
+# other difference would make the resumed run continue the old one with the new values mixed in.
+SAFE_ON_RESUME_SECTIONS = (
+    # staging_dir, peer_timeout_s, log_sync_s, termination_grace_s, backup_every_steps, collective_timeout_s,
+    # strategy, communication: operational, like the number of workers (which may change between attempts).
+    "runtime",
+)
+SAFE_ON_RESUME_KEYS = (
+    "output",  # the same run addressed another way (a path and its file:// URI, a moved directory)
+    "data.cache", "data.cache_budget_mb", "data.cache_dir",  # where decoded images wait, not which ones
+    "train.cached_validation",  # the same validation metrics, computed faster
+    "train.steps_per_execution",  # the same steps, fewer Python round trips
+)
+
+
+def safe_on_resume(key: str) -> bool:
+    return key in SAFE_ON_RESUME_KEYS or key.split(".", 1)[0] in SAFE_ON_RESUME_SECTIONS
+
+
+def changes_on_resume(saved_yaml: str, origin: str, cfg: JobConfig) -> list[str]:
+    """`key: old -> new` (dotted keys) for every difference between a run's saved params and `cfg` that is
+    not safe on resume; [] when the run may continue with `cfg`. `origin` names the saved file in errors."""
+    try:
+        saved = yaml.safe_load(saved_yaml)
+    except yaml.YAMLError as exc:
+        saved = exc
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"{origin}: not a config ({saved}), so this unfinished run cannot be checked before resuming. Fix: "
+            f"restore the file, or start over with a new --output."
+        )
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "(absent)"
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}"
+            for key in [*new, *(k for k in old if k not in new)]
+            if not safe_on_resume(key) and (key not in old or key not in new or old[key] != new[key])]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def digest(cfg: JobConfig) -> str:
     """A stable hash of everything that changes what is trained (the output location excluded)."""
     data = to_dict(cfg)
