@@ -176,6 +176,29 @@ def test_tfrecord_globs_local_and_gs(tmp_path: Path, gcs_bucket: str) -> None:
         data.load_dataset(nothing, seed=0, cache_dir=cache)
 
 
+def test_cached_tfrecords_that_do_not_decode_join_the_bad_files(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"x": 3, "y": 3}, size=32)
+    data.convert_folder(str(root), str(tmp_path / "rec"), shards=1)
+    shard = next((tmp_path / "rec").glob("*.tfrecord"))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]
+    junk = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not an image"])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        "image/filename": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"junk.jpg"])),
+    })).SerializeToString()
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for record in [*records[:2], junk, *records[2:]]:
+            writer.write(record)
+    meta = json.loads((tmp_path / "rec" / "meta.json").read_text())
+    (tmp_path / "rec" / "meta.json").write_text(json.dumps({**meta, "num_examples": 7}))
+    cfg = DataConfig(source="tfrecord", train=str(tmp_path / "rec"), validation=None, test=None, image_size=32,
+                     batch_size=2, max_bad_fraction=0.2)
+    ds = data.load_dataset(cfg, seed=0, cache_dir=str(tmp_path))
+    assert ds.bad_files == ["data.train record 2 (junk.jpg)"] and ds.train.num_examples == 6
+    with pytest.raises(DataError, match="1 of 7 files"):
+        data.load_dataset(dataclasses.replace(cfg, max_bad_fraction=0.1), seed=0, cache_dir=str(tmp_path))
+
+
 def test_tfds_source_with_mock_data(tmp_path: Path) -> None:
     import tensorflow_datasets as tfds
 

@@ -255,6 +255,8 @@ def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
 _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    # Names a record that does not decode; `tljob convert` writes it, other writers may not.
+    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=b""),
 }
 
 
@@ -305,15 +307,21 @@ def _read_tfrecord_meta(key: str, meta_path: str) -> dict:
     return meta
 
 
-def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool, num_examples: int) -> Split:
+def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool,
+                    num_examples: int) -> tuple[Split, list[str]]:
+    """The split, and the records that do not decode (found by the decode pass when the split is cached)."""
     records = tf.data.TFRecordDataset(files, num_parallel_reads=AUTOTUNE).map(
         lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=AUTOTUNE
     )
     if cache:
-        labels = np.array([r["image/class/label"] for r in records.as_numpy_iterator()], np.int64)
+        rows = list(records.map(lambda r: (r["image/class/label"], r["image/filename"])).as_numpy_iterator())
+        labels = np.array([label for label, _ in rows], np.int64)
         encoded = records.enumerate().map(lambda i, r: (i, r["image/encoded"]))
         good_idx, images = _scan(encoded, len(labels), cfg.image_size, keep_images=True)
-        return Split(name, len(good_idx), images=images, labels=labels[good_idx], num_files=len(files))
+        # Dropped by the decode pass, they are bad files like a folder's: named, counted, held to the limit.
+        bad = [f"data.{name} record {i}" + (f" ({rows[i][1].decode(errors='replace')})" if rows[i][1] else "")
+               for i in np.setdiff1d(np.arange(len(rows)), good_idx)]
+        return Split(name, len(good_idx), images=images, labels=labels[good_idx], num_files=len(files)), bad
     # Streamed: files are read per worker (FILE sharding when there are enough of them); the converter
     # already left out undecodable images, so decode errors here would be corruption and must surface.
     stream = tf.data.Dataset.from_tensor_slices(files).interleave(
@@ -321,7 +329,7 @@ def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool, n
     ).map(
         lambda r: _parse_decode(r, cfg.image_size), num_parallel_calls=AUTOTUNE
     )
-    return Split(name, num_examples, stream=stream, num_files=len(files))
+    return Split(name, num_examples, stream=stream, num_files=len(files)), []
 
 
 def _parse_decode(record: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -339,13 +347,16 @@ def _load_tfrecord(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
         if meta["class_names"] != class_names:
             raise DataError(f"data.{key}: classes {meta['class_names']} differ from data.train's {class_names}.")
     counts = {k: _count_examples(k, files, meta) for k, (files, meta) in sources.items()}
-    good = sum(counts.values())
-    cache = _want_cache(cfg, good)
-    splits = {k: _tfrecord_split(k, files, cfg, cache, counts[k]) for k, (files, _) in sources.items()}
+    records = sum(counts.values())
+    cache = _want_cache(cfg, records)
+    splits, bad_records = {}, []
+    for key, (files, _) in sources.items():
+        splits[key], bad = _tfrecord_split(key, files, cfg, cache, counts[key])
+        bad_records.extend(bad)
     # Files `tljob convert` left out count as this run's bad files: same report, same limit. Splits that are
     # globs over one converted folder share its meta.json: each left-out file counts once.
-    bad = list(dict.fromkeys(f for m in metas.values() for f in m.get("bad_files", [])))
-    return _finish(cfg, class_names, splits, bad, good + len(bad))
+    left_out = list(dict.fromkeys(f for m in metas.values() for f in m.get("bad_files", [])))
+    return _finish(cfg, class_names, splits, left_out + bad_records, records + len(left_out))
 
 
 def _count_examples(key: str, files: list[str], meta: dict) -> int:
