@@ -128,6 +128,14 @@ def test_folder_without_classes_is_a_config_error(tmp_path: Path) -> None:
         data.load_dataset(folder_cfg(tmp_path / "flat"), seed=1, cache_dir=str(tmp_path))
 
 
+
+def test_folder_that_is_a_file_is_a_config_error(tmp_path: Path, gcs_bucket: str) -> None:
+    # Config checks local folders at load; a gs:// one is known only once staged (NotADirectoryError, exit 1).
+    storage.write_bytes(gcs_bucket + "/data/train.zip", b"PK")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        data.load_dataset(folder_cfg(gcs_bucket + "/data/train.zip"), seed=1, cache_dir=str(tmp_path))
+
+
 def test_convert_then_read_tfrecords(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "imgs", {"x": 5, "y": 4, "z": 3}, size=48)
     (root / "y" / "broken.jpg").write_bytes(b"junk")

@@ -157,6 +157,10 @@ def _read_encoded(paths: list[str]) -> tf.data.Dataset:
 def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted sub-folders) and (file, label) pairs; hidden files are not data."""
     base = Path(root)
+    if not base.is_dir():  # a gs:// path is checked only here, once staged: it may name a single object
+        raise ConfigError(
+            f"data folder {root!r} is a file, not a folder. Fix: point it at a folder with one sub-folder per class."
+        )
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ConfigError(
