@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tljob.config import JobConfig, changes_on_resume, digest, load_config, parse_override, to_yaml
+from tljob.config import (
+    JobConfig,
+    changes_on_resume,
+    digest,
+    load_config,
+    parse_override,
+    to_yaml,
+)
 from tljob.errors import EXIT_CONFIG, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +128,8 @@ def cli_without_tensorflow(*args: str) -> subprocess.CompletedProcess:
         "import sys; from tljob.cli import main; rc = main(sys.argv[1:]); "
         "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)"
     )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 def test_cli_config_error_exits_2_before_tensorflow(tmp_path: Path) -> None:
