@@ -276,7 +276,7 @@ def _tfrecord_source(key: str, path: str, cache_dir: str) -> tuple[list[str], di
             raise ConfigError(
                 f"data.{key}: {path!r} has wildcards in a folder name; tljob reads the class names from the "
                 f"{TFRECORD_META} beside the shards, so they must be in one folder. Fix: put the wildcards in "
-                f"the file name only, e.g. {storage.join(storage.parent(folder), 'train', '*.tfrecord')!r}."
+                f"the file name only, e.g. gs://bucket/flowers/train-*.tfrecord."
             )
         files = storage.stage_matching(path, cache_dir)
     else:
