@@ -134,6 +134,8 @@ def test_folder_that_is_a_file_is_a_config_error(tmp_path: Path, gcs_bucket: str
     storage.write_bytes(gcs_bucket + "/data/train.zip", b"PK")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         data.load_dataset(folder_cfg(gcs_bucket + "/data/train.zip"), seed=1, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="/no/such/folder' does not exist"):
+        data.list_image_folder("/no/such/folder")  # tljob evaluate --data is not checked by config.py
 
 
 def test_convert_then_read_tfrecords(tmp_path: Path) -> None:

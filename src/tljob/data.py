@@ -159,7 +159,8 @@ def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     base = Path(root)
     if not base.is_dir():  # a gs:// path is checked only here, once staged: it may name a single object
         raise ConfigError(
-            f"data folder {root!r} is a file, not a folder. Fix: point it at a folder with one sub-folder per class."
+            f"data folder {root!r} {'is a file, not a folder' if base.exists() else 'does not exist'}. Fix: point "
+            f"it at a folder with one sub-folder per class."
         )
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
