@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tljob.config import JobConfig, digest, load_config, parse_override, to_yaml
+from tljob.config import (
+    JobConfig,
+    changes_on_resume,
+    digest,
+    load_config,
+    parse_override,
+    to_yaml,
+)
 from tljob.errors import EXIT_CONFIG, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +77,8 @@ BAD = [
     (["data.source=folder", "data.train=/no/such/dir"], "data.train", "/no/such/dir"),
     (["data.source=folder", "data.train=null"], "data.train", "training folder path"),
     (["data.source=tfrecord", "data.train=/no/such/records"], "data.train", "tljob convert"),
+    # An absolute glob is checked like a relative one (Path.glob raised NotImplementedError: exit 1).
+    (["data.source=tfrecord", "data.train=/no/such/records/*.tfrecord"], "data.train", "/no/such/records/*.tfrecord"),
     (["data.source=parquet"], "data.source", "folder, tfds, tfrecord, synthetic"),
     (["model.weights=/no/such/weights.h5"], "model.weights", "does not exist"),
     (["model.weights=weights.bin"], "model.weights", ".h5"),
@@ -94,6 +103,13 @@ def test_bad_values_name_key_value_and_fix(overrides: list[str], key: str, fix: 
     assert key in message and fix in message
 
 
+def test_absolute_tfrecord_glob_loads(tmp_path: Path) -> None:
+    (tmp_path / "data-00000-of-00001.tfrecord").write_bytes(b"")
+    pattern = str(tmp_path / "*.tfrecord")
+    cfg = load_config(ROOT / "job" / "dry_run.yaml", ["data.source=tfrecord", f"data.train={pattern}"], environ={})
+    assert cfg.data.train == pattern
+
+
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config("job/nope.yaml", environ={})
@@ -106,17 +122,53 @@ def test_digest_ignores_output_only() -> None:
     assert digest(a) == digest(b) != digest(c)
 
 
-def test_cli_config_error_exits_2_before_tensorflow(tmp_path: Path) -> None:
-    """Exit code 2, the message on stderr, and no TensorFlow import (fast failure)."""
+def cli_without_tensorflow(*args: str) -> subprocess.CompletedProcess:
+    """`tljob ARGS` in a fresh process that fails if TensorFlow was imported (config errors must be fast)."""
     code = (
         "import sys; from tljob.cli import main; rc = main(sys.argv[1:]); "
         "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "train", "--config", str(ROOT / "job" / "dry_run.yaml"),
-         "--set", "train.fine_tuning.fine_tune_at=999", "--output", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=60,
-    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_cli_config_error_exits_2_before_tensorflow(tmp_path: Path) -> None:
+    """Exit code 2, the message on stderr, and no TensorFlow import (fast failure)."""
+    proc = cli_without_tensorflow("train", "--config", str(ROOT / "job" / "dry_run.yaml"),
+                                  "--set", "train.fine_tuning.fine_tune_at=999", "--output", str(tmp_path / "run"))
     assert proc.returncode == EXIT_CONFIG, proc.stderr
     assert "train.fine_tuning.fine_tune_at" in proc.stderr and "999" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_reads_the_config_from_a_bucket(gcs_bucket: str, tmp_path: Path) -> None:
+    from tljob import storage
+
+    # The bucket's copy carries a bad value: its message proves the CLI read and validated that text.
+    text = (ROOT / "job" / "dry_run.yaml").read_text().replace("fine_tune_at: 100", "fine_tune_at: 999")
+    storage.write_text(gcs_bucket + "/jobs/job.yaml", text)
+    proc = cli_without_tensorflow("train", "--config", gcs_bucket + "/jobs/job.yaml", "--output", str(tmp_path / "r"))
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    assert "train.fine_tuning.fine_tune_at: invalid value 999" in proc.stderr
+    proc = cli_without_tensorflow("train", "--config", gcs_bucket + "/jobs/nope.yaml", "--output", str(tmp_path / "r"))
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    assert f"--config {gcs_bucket}/jobs/nope.yaml: no such file" in proc.stderr
+
+
+def test_changes_on_resume_lists_unsafe_keys_only() -> None:
+    dry = ROOT / "job" / "dry_run.yaml"
+    saved = to_yaml(load_config(dry, ["output=/runs/a"], environ={}))
+    safe = load_config(dry, ["output=file:///runs/a", "runtime.staging_dir=/scratch", "runtime.peer_timeout_s=90",
+                             "runtime.log_sync_s=5", "data.cache=none", "train.steps_per_execution=4"], environ={})
+    assert changes_on_resume(saved, "params.yaml", safe) == []
+    other = load_config(dry, ["train.fine_tuning.epochs=9", "data.source=folder", f"data.train={ROOT}",
+                              "model.dropout=0.5", "runtime.log_sync_s=5"], environ={})
+    assert changes_on_resume(saved, "params.yaml", other) == [
+        "data.source: 'synthetic' -> 'folder'", f"data.train: None -> '{ROOT}'", "model.dropout: 0.2 -> 0.5",
+        "train.fine_tuning.epochs: 2 -> 9"]
+    # A key that an older params.yaml had, or lacked, is a difference too.
+    older = saved.replace("seed: 42\n", "seed: 42\nretired_key: 1\n").replace("  alpha: 0.35\n", "")
+    assert changes_on_resume(older, "params.yaml", safe) == ["model.alpha: (absent) -> 0.35",
+                                                             "retired_key: 1 -> (absent)"]
+    with pytest.raises(ConfigError, match="params.yaml: not a config"):
+        changes_on_resume("[1, 2", "params.yaml", safe)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import tljob  # noqa: F401  (selects tf-keras before TensorFlow loads)
 import tensorflow as tf
 
-from tljob import data
+from tljob import data, storage
 from tljob.config import AugmentConfig, DataConfig
 from tljob.errors import ConfigError, DataError
 
@@ -39,6 +40,21 @@ def test_folder_skips_and_names_bad_files(tmp_path: Path) -> None:
     assert ds.train.num_examples == 12
     assert ds.train.images is not None and ds.train.images.shape == (12, 32, 32, 3)
     assert sorted(np.bincount(ds.train.labels).tolist()) == [6, 6]
+
+
+def test_no_file_is_passed_over_for_its_extension(tmp_path: Path) -> None:
+    # Nothing is filtered by name: what decodes trains (WebP too), the rest joins the bad-file report and limit.
+    root = make_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3}, size=32)
+    Image.open(root / "cat" / "cat_0.jpg").save(root / "cat" / "photo.webp", "WEBP")
+    (root / "dog" / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (root / "dog" / "scan.tiff").write_bytes(b"II*\x00" + bytes(64))
+    (root / "dog" / "labels.csv").write_text("file,label\n")
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00")
+    ds = data.load_dataset(folder_cfg(root, max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path / "c"))
+    assert sorted(Path(p).name for p in ds.bad_files) == ["labels.csv", "photo.heic", "scan.tiff"]
+    assert ds.total_files == 10 and ds.train.num_examples == 7
+    with pytest.raises(DataError, match="3 of 10 files"):
+        data.load_dataset(folder_cfg(root, max_bad_fraction=0.2), seed=1, cache_dir=str(tmp_path / "c"))
 
 
 def test_folder_streamed_when_cache_off(tmp_path: Path) -> None:
@@ -71,6 +87,22 @@ def test_too_many_bad_files_is_a_data_error(tmp_path: Path) -> None:
         data.load_dataset(folder_cfg(root, max_bad_fraction=0.1), seed=1, cache_dir=str(tmp_path))
 
 
+def test_class_folder_without_usable_images_is_a_data_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"cat": 4, "dog": 0, "fox": 0}, size=32)
+    (root / "fox" / "broken.jpg").write_text("not an image")
+    with pytest.raises(DataError, match=r"data\.train: class folders without a usable image: .*/imgs/dog \(no files\); "
+                                        r".*/imgs/fox \(1 files, none decodes\)"):
+        data.load_dataset(folder_cfg(root, max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path))
+    val = make_image_folder(tmp_path / "val", {"cat": 1, "dog": 0, "fox": 1}, size=32)
+    (root / "dog" / "dog.jpg").write_bytes((val / "cat" / "cat_0.jpg").read_bytes())
+    (root / "fox" / "fox.jpg").write_bytes((val / "cat" / "cat_0.jpg").read_bytes())
+    with pytest.raises(DataError, match=r"data\.validation: .*/val/dog \(no files\)\."):
+        data.load_dataset(folder_cfg(root, validation=str(val), max_bad_fraction=0.5), seed=1, cache_dir=str(tmp_path))
+    (root / "dog" / "dog.jpg").unlink()
+    with pytest.raises(DataError, match=r"--input: .*/imgs/dog \(no files\)"):
+        data.convert_folder(str(root), str(tmp_path / "rec"), shards=1)
+
+
 def test_fraction_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "imgs", {"a": 10, "b": 10}, size=32)
     cfg = folder_cfg(root, validation_fraction=0.2, test_fraction=0.1)
@@ -94,6 +126,16 @@ def test_folder_without_classes_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "flat" / "x.jpg").write_bytes(b"")
     with pytest.raises(ConfigError, match="class sub-folders"):
         data.load_dataset(folder_cfg(tmp_path / "flat"), seed=1, cache_dir=str(tmp_path))
+
+
+
+def test_folder_that_is_a_file_is_a_config_error(tmp_path: Path, gcs_bucket: str) -> None:
+    # Config checks local folders at load; a gs:// one is known only once staged (NotADirectoryError, exit 1).
+    storage.write_bytes(gcs_bucket + "/data/train.zip", b"PK")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        data.load_dataset(folder_cfg(gcs_bucket + "/data/train.zip"), seed=1, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="/no/such/folder' does not exist"):
+        data.list_image_folder("/no/such/folder")  # tljob evaluate --data is not checked by config.py
 
 
 def test_convert_then_read_tfrecords(tmp_path: Path) -> None:
@@ -121,6 +163,50 @@ def test_convert_then_read_tfrecords(tmp_path: Path) -> None:
     per_shard = [[tf.train.Example.FromString(r.numpy()).features.feature["image/class/label"].int64_list.value[0]
                   for r in tf.data.TFRecordDataset(str(f))] for f in shards]
     assert any(labels != sorted(labels) for labels in per_shard), per_shard
+
+
+def test_tfrecord_globs_local_and_gs(tmp_path: Path, gcs_bucket: str) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"x": 4, "y": 4}, size=36)
+    data.convert_folder(str(root), str(tmp_path / "rec"), shards=4)
+    (tmp_path / "rec" / "notes.txt").write_text("not a shard")
+    storage.upload_tree(str(tmp_path / "rec"), gcs_bucket + "/rec")
+    cache = str(tmp_path / "cache")
+    for train in (str(tmp_path / "rec" / "*.tfrecord"), gcs_bucket + "/rec/*.tfrecord"):
+        cfg = DataConfig(source="tfrecord", train=train, validation=None, test=None, image_size=32, batch_size=4)
+        ds = data.load_dataset(cfg, seed=0, cache_dir=cache)
+        assert ds.class_names == ["x", "y"] and ds.train.num_examples == 8, train
+    # Half the shards (records are dealt round robin): counted, not meta.json's count of the whole folder.
+    part = DataConfig(source="tfrecord", train=gcs_bucket + "/rec/data-0000[01]-*.tfrecord", validation=None,
+                      test=None, image_size=32, batch_size=4, cache="none")
+    ds = data.load_dataset(part, seed=0, cache_dir=cache)
+    assert ds.train.num_examples == 4 and ds.train.num_files == 2
+    assert sum(int(x.shape[0]) for x, _ in data.eval_pipeline(ds.train, global_batch=3, num_workers=1)) == 4
+    nothing = dataclasses.replace(part, train=gcs_bucket + "/rec/train-*.tfrecord")
+    with pytest.raises(ConfigError, match=r"data\.train: no TFRecord files at .*/rec/train-\*\.tfrecord"):
+        data.load_dataset(nothing, seed=0, cache_dir=cache)
+
+
+def test_cached_tfrecords_that_do_not_decode_join_the_bad_files(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"x": 3, "y": 3}, size=32)
+    data.convert_folder(str(root), str(tmp_path / "rec"), shards=1)
+    shard = next((tmp_path / "rec").glob("*.tfrecord"))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]
+    junk = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not an image"])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        "image/filename": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"junk.jpg"])),
+    })).SerializeToString()
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for record in [*records[:2], junk, *records[2:]]:
+            writer.write(record)
+    meta = json.loads((tmp_path / "rec" / "meta.json").read_text())
+    (tmp_path / "rec" / "meta.json").write_text(json.dumps({**meta, "num_examples": 7}))
+    cfg = DataConfig(source="tfrecord", train=str(tmp_path / "rec"), validation=None, test=None, image_size=32,
+                     batch_size=2, max_bad_fraction=0.2)
+    ds = data.load_dataset(cfg, seed=0, cache_dir=str(tmp_path))
+    assert ds.bad_files == ["data.train record 2 (junk.jpg)"] and ds.train.num_examples == 6
+    with pytest.raises(DataError, match="1 of 7 files"):
+        data.load_dataset(dataclasses.replace(cfg, max_bad_fraction=0.1), seed=0, cache_dir=str(tmp_path))
 
 
 def test_tfds_source_with_mock_data(tmp_path: Path) -> None:

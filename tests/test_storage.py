@@ -398,6 +398,21 @@ def test_stage_input_copies_once_and_reuses(
         storage.stage_input(gcs_bucket + "/data/nope", str(cache))
 
 
+def test_stage_matching_globs_one_segment_like_the_shell(tmp_path: Path, gcs_bucket: str) -> None:
+    files = {"d/a-0.rec": b"0", "d/a-1.rec": b"1", "d/b-0.rec": b"b", "d/.a-2.rec": b"h", "d/sub/a-3.rec": b"3"}
+    src = make_tree(tmp_path / "src", files)
+    storage.upload_tree(str(src), gcs_bucket + "/in")
+    cache = tmp_path / "cache"
+    for base in (str(src), f"file://{src}", gcs_bucket + "/in"):
+        staged = storage.stage_matching(base + "/d/a-*.rec", str(cache))
+        assert [Path(p).read_bytes() for p in staged] == [b"0", b"1"], base
+        assert [Path(p).name for p in storage.stage_matching(base + "/*/a-?.rec", str(cache))] == ["a-0.rec", "a-1.rec"], base
+        assert storage.stage_matching(base + "/d/c-*.rec", str(cache)) == []
+    assert all(str(p).startswith(str(cache)) for p in storage.stage_matching(gcs_bucket + "/in/d/*", str(cache)))
+    assert storage.parent(gcs_bucket + "/in/d/a-*.rec") == gcs_bucket + "/in/d"
+    assert storage.parent(f"{src}/d/a-*.rec") == f"{src}/d"
+
+
 @pytest.mark.parametrize("remote_kind", ["local", "gs"])
 def test_mirror_push_pull(tmp_path: Path, remote_kind: str, request: pytest.FixtureRequest) -> None:
     remote = (

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from backups import backed_up_epoch
-from tljob.errors import EXIT_OK
+from tljob.errors import EXIT_CONFIG, EXIT_OK, EXIT_RETRYABLE, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DRY_RUN = str(ROOT / "job" / "dry_run.yaml")
@@ -187,3 +187,56 @@ def test_data_error_exits_3_and_names_the_files(tmp_path: Path) -> None:
                  "--set", f"data.train={root}", "--set", "data.max_bad_fraction=0.1", timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "corrupt.jpg" in proc.stderr and "data.max_bad_fraction" in proc.stderr
+
+
+def test_batch_larger_than_the_training_set_is_a_config_error(tmp_path: Path) -> None:
+    proc = tljob("train", "--config", DRY_RUN, "--output", str(tmp_path / "run"), "--set", "data.batch_size=161",
+                 "--set", "data.synthetic.validation_examples=0", "--set", "data.synthetic.test_examples=0",
+                 timeout=120)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    assert "data.batch_size=161: the global batch (161 x 1 replicas = 161) is larger than the 160 training " \
+           "images. Fix: set data.batch_size to at most 160" in proc.stderr
+    assert "Traceback" not in proc.stderr and "phase feature_extraction" not in proc.stderr
+    from tljob.train import check_global_batch
+
+    check_global_batch(160, 80, 2)
+    with pytest.raises(ConfigError, match=r"\(81 x 2 replicas = 162\) is larger than the 160 .* at most 80,"):
+        check_global_batch(160, 81, 2)
+    with pytest.raises(ConfigError, match="2 replicas need at least 2 images"):
+        check_global_batch(1, 1, 2)
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path: Path, gcs_bucket: str) -> None:
+    from tljob import storage
+
+    run = gcs_bucket + "/runs/resume"
+    base = ("train", "--config", DRY_RUN, "--output", run, "--set", "train.feature_extraction.epochs=2",
+            "--set", "train.fine_tuning.epochs=2", "--set", "data.synthetic.validation_examples=16",
+            "--set", "data.synthetic.test_examples=0")
+    stage = tmp_path / "stage1"
+    backed_up_epoch(tmp_path)  # imports TensorFlow now, not while the run it polls goes on
+    proc = start(*base, "--set", f"runtime.staging_dir={stage}")
+    _wait_for(lambda: any((backed_up_epoch(d / "backup" / "feature_extraction") or 0) >= 1
+                          for d in stage.glob("tljob-staging/*/worker-0")), proc, timeout=120)
+    # SIGTERM (an eviction): the run saves and uploads a backup and exits 75. A SIGKILL could land inside the
+    # backup's upload and leave the bucket a partial checkpoint (noticed, left to the faults work).
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_RETRYABLE
+    assert not storage.is_finished(run)
+    # Written (and uploaded) when training started, not only at the end.
+    assert "epochs: 2" in storage.read_text(run + "/params.yaml")
+    # A fresh pod (another staging dir) with other epochs, data and learning rate: refused before any training.
+    elsewhere = ("--set", f"runtime.staging_dir={tmp_path / 'stage2'}")
+    changed = tljob(*base, *elsewhere, "--set", "train.fine_tuning.epochs=3", "--set", "data.synthetic.train_examples=100",
+                    "--set", "train.feature_extraction.learning_rate=0.01", timeout=120)
+    assert changed.returncode == EXIT_CONFIG, changed.stderr[-3000:]
+    assert ("Changed: data.synthetic.train_examples: 160 -> 100; train.feature_extraction.learning_rate: 0.001 -> "
+            "0.01; train.fine_tuning.epochs: 2 -> 3.") in changed.stderr
+    assert "Traceback" not in changed.stderr and "phase feature_extraction" not in changed.stderr
+    # Operational keys may change: the run continues where it stopped.
+    resumed = tljob(*base, *elsewhere, "--set", "runtime.log_sync_s=5", "--set", "data.cache=memory", timeout=180)
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
+    history = json.loads(storage.read_text(run + "/history.json"))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert "resuming: finished phases none" in resumed.stderr and "epoch 1/4" not in resumed.stderr
+    assert "log_sync_s: 5.0" in storage.read_text(run + "/params.yaml")

@@ -28,9 +28,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tljob.config import load_config, to_yaml  # no TensorFlow: config errors come back fast
+    from tljob import storage  # no TensorFlow in either: config errors come back fast
+    from tljob.config import load_config, to_yaml
 
-    cfg = load_config(args.config, args.set)
+    # Through storage: users keep job configs in buckets (--config gs://bucket/job.yaml).
+    cfg = load_config(args.config, args.set, read=storage.read_text)
     if args.output:
         cfg = dataclasses.replace(cfg, output=args.output)
     if not cfg.output:
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run (or resume) the two-phase training job")
-    p.add_argument("--config", required=True, help="job YAML, e.g. job/dry_run.yaml")
+    p.add_argument("--config", required=True, help="job YAML, e.g. job/dry_run.yaml or gs://bucket/job.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--output", help="run directory: local path, file:// or gs://bucket/prefix")
     p.set_defaults(func=cmd_train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -164,11 +165,16 @@ def load_config(
     path: str | os.PathLike[str] | None,
     overrides: list[str] | tuple[str, ...] = (),
     environ: Mapping[str, str] | None = None,
+    read: Callable[[str], str] | None = None,
 ) -> JobConfig:
-    """Loads YAML, applies environment then ``--set`` overrides, builds and validates the tree."""
+    """Loads YAML, applies environment then ``--set`` overrides, builds and validates the tree.
+
+    `read` gives the text of `path`; by default a local file is read. The CLI passes tljob.storage's
+    reader, so that `--config gs://bucket/job.yaml` works (this module imports nothing of tljob).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = _read_yaml(str(path), read or _read_local)
     for key, value in env_overrides(os.environ if environ is None else environ):
         _set_dotted(raw, key, value, origin=f"environment variable {ENV_PREFIX}{key.upper().replace('.', '__')}")
     for item in overrides:
@@ -179,11 +185,22 @@ def load_config(
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file. Fix: pass a YAML file such as job/dry_run.yaml.")
+def _read_local(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _read_yaml(path: str, read: Callable[[str], str]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = read(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ConfigError(f"--config {path}: no such file. Fix: pass a YAML file such as job/dry_run.yaml "
+                          f"(or gs://bucket/job.yaml).") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"--config {path}: not readable ({exc}). Fix: make it readable by this user.") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({exc}). Fix: pass the YAML file itself.") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from exc
     if data is None:
@@ -382,10 +399,12 @@ def validate(cfg: JobConfig) -> None:
 
 
 def _tfrecord_exists(path: str) -> bool:
+    """A local folder of shards, a shard, or a glob (absolute or relative) that matches at least one file."""
     p = Path(path)
     if p.is_dir():
         return any(p.glob("*.tfrecord*"))
-    return any(Path().glob(path)) if any(ch in path for ch in "*?[") else p.is_file()
+    # glob.glob, not Path.glob: Path().glob refuses absolute patterns (NotImplementedError, exit 1).
+    return any(os.path.isfile(f) for f in glob.glob(path)) if any(ch in path for ch in "*?[") else p.is_file()
 
 
 # ----------------------------------------------------------------------------- output
@@ -397,6 +416,57 @@ def to_dict(cfg: JobConfig) -> dict[str, Any]:
 
 def to_yaml(cfg: JobConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# What may change when an unfinished run is resumed: where and how it runs, never what it trains. Any
+# other difference would make the resumed run continue the old one with the new values mixed in.
+SAFE_ON_RESUME_SECTIONS = (
+    # staging_dir, peer_timeout_s, log_sync_s, termination_grace_s, backup_every_steps, collective_timeout_s,
+    # strategy, communication: operational, like the number of workers (which may change between attempts).
+    "runtime",
+)
+SAFE_ON_RESUME_KEYS = (
+    "output",  # the same run addressed another way (a path and its file:// URI, a moved directory)
+    "data.cache", "data.cache_budget_mb", "data.cache_dir",  # where decoded images wait, not which ones
+    "train.cached_validation",  # the same validation metrics, computed faster
+    "train.steps_per_execution",  # the same steps, fewer Python round trips
+)
+
+
+def safe_on_resume(key: str) -> bool:
+    return key in SAFE_ON_RESUME_KEYS or key.split(".", 1)[0] in SAFE_ON_RESUME_SECTIONS
+
+
+def changes_on_resume(saved_yaml: str, origin: str, cfg: JobConfig) -> list[str]:
+    """`key: old -> new` (dotted keys) for every difference between a run's saved params and `cfg` that is
+    not safe on resume; [] when the run may continue with `cfg`. `origin` names the saved file in errors."""
+    try:
+        saved = yaml.safe_load(saved_yaml)
+    except yaml.YAMLError as exc:
+        saved = exc
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"{origin}: not a config ({saved}), so this unfinished run cannot be checked before resuming. Fix: "
+            f"restore the file, or start over with a new --output."
+        )
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "(absent)"
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}"
+            for key in [*new, *(k for k in old if k not in new)]
+            if not safe_on_resume(key) and (key not in old or key not in new or old[key] != new[key])]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def digest(cfg: JobConfig) -> str:

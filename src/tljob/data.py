@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -156,6 +157,11 @@ def _read_encoded(paths: list[str]) -> tf.data.Dataset:
 def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted sub-folders) and (file, label) pairs; hidden files are not data."""
     base = Path(root)
+    if not base.is_dir():  # a gs:// path is checked only here, once staged: it may name a single object
+        raise ConfigError(
+            f"data folder {root!r} {'is a file, not a folder' if base.exists() else 'does not exist'}. Fix: point "
+            f"it at a folder with one sub-folder per class."
+        )
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ConfigError(
@@ -167,6 +173,24 @@ def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
             if path.is_file() and not path.name.startswith("."):
                 items.append((str(path), label))
     return classes, items
+
+
+def check_every_class_has_images(key: str, root: str, class_names: list[str], items: list[tuple[str, int]],
+                                 bad: list[str]) -> None:
+    """Every class sub-folder must give at least one image that decodes.
+
+    The class names are the sub-folders, so an empty one (or one of bad files only) would still get an output
+    of the model's head that no image ever trains: a 2-class model trained on one class, and exit 0.
+    """
+    bad_set = set(bad)
+    files = Counter(label for _, label in items)
+    usable = Counter(label for path, label in items if path not in bad_set)
+    empty = [(name, files[k]) for k, name in enumerate(class_names) if not usable[k]]
+    if empty:
+        shown = "; ".join(f"{storage.join(root, name)} ({f'{n} files, none decodes' if n else 'no files'})"
+                          for name, n in empty)
+        raise DataError(f"{key}: class folders without a usable image: {shown}. Fix: add images of that class, "
+                        f"or remove the folder to train without the class.")
 
 
 def _folder_splits(parts: dict[str, list[tuple[str, int]]], cfg: DataConfig, cache: bool,
@@ -200,6 +224,8 @@ def _folder_splits(parts: dict[str, list[tuple[str, int]]], cfg: DataConfig, cac
 def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     train_root = storage.stage_input(cfg.train, cache_dir)
     class_names, train_items = list_image_folder(train_root)
+    # Each folder as listed, before any fractions are carved out of it: every class must have images there.
+    folders = {"train": train_items}
     parts: dict[str, list[tuple[str, int]]] = {"train": train_items}
     val_items = test_items = None
     if cfg.validation_fraction or cfg.test_fraction:
@@ -214,7 +240,7 @@ def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
                     f"data.{key}: classes {names} differ from data.train's {class_names}. Fix: use the same "
                     f"class sub-folders in every split."
                 )
-            parts[key] = items
+            parts[key] = folders[key] = items
     total = sum(len(v) for v in parts.values())
     cache = _want_cache(cfg, total)
     if not cache:
@@ -223,7 +249,10 @@ def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
         random.Random(seed).shuffle(parts["train"])
     bad: list[str] = []
     splits = _folder_splits(parts, cfg, cache, bad)
-    return _finish(cfg, class_names, splits, bad, total)
+    dataset = _finish(cfg, class_names, splits, bad, total)
+    for key, items in folders.items():
+        check_every_class_has_images(f"data.{key}", getattr(cfg, key), class_names, items, bad)
+    return dataset
 
 
 # ----------------------------------------------------------------------------- TFRecord source
@@ -231,38 +260,73 @@ def _load_folder(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
 _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    # Names a record that does not decode; `tljob convert` writes it, other writers may not.
+    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=b""),
 }
 
 
-def _tfrecord_files(path: str) -> list[str]:
-    p = Path(path)
-    files = sorted(str(f) for f in p.glob("*.tfrecord*")) if p.is_dir() else sorted(tf.io.gfile.glob(path))
+def _tfrecord_source(key: str, path: str, cache_dir: str) -> tuple[list[str], dict]:
+    """data.<key>'s shards, staged locally, and the meta.json that `tljob convert` wrote beside them.
+
+    `path` is a folder of shards, one shard, or a glob of shards in one folder (`/data/train-*.tfrecord`,
+    `gs://bucket/flowers/*.tfrecord`), local or gs://.
+    """
+    if storage.has_wildcards(path):
+        folder = storage.parent(path)
+        if storage.has_wildcards(folder):
+            raise ConfigError(
+                f"data.{key}: {path!r} has wildcards in a folder name; tljob reads the class names from the "
+                f"{TFRECORD_META} beside the shards, so they must be in one folder. Fix: put the wildcards in "
+                f"the file name only, e.g. gs://bucket/flowers/train-*.tfrecord."
+            )
+        files = storage.stage_matching(path, cache_dir)
+    else:
+        local = storage.stage_input(path, cache_dir)
+        if Path(local).is_dir():  # the local copy: a gs:// folder is staged whole
+            folder, files = path, sorted(str(f) for f in Path(local).glob("*.tfrecord*"))
+        else:
+            folder, files = storage.parent(path), [local]
     if not files:
-        raise ConfigError(f"no TFRecord files at {path!r}. Fix: write them with `tljob convert`.")
-    return files
-
-
-def _read_tfrecord_meta(path: str) -> dict:
-    p = Path(path)
-    meta = (p if p.is_dir() else p.parent) / TFRECORD_META
-    if not meta.is_file():
         raise ConfigError(
-            f"{meta} not found: tljob needs the class names written by `tljob convert`. Fix: convert the "
-            f"folder with `tljob convert`, or add {TFRECORD_META} with {{\"class_names\": [...]}}."
+            f"data.{key}: no TFRecord files at {path!r}. Fix: write them with `tljob convert`, or point it at a "
+            f"folder, a file or a glob (*.tfrecord) of shards."
         )
-    return json.loads(meta.read_text())
+    return files, _read_tfrecord_meta(key, storage.join(folder, TFRECORD_META))
 
 
-def _tfrecord_split(name: str, path: str, cfg: DataConfig, cache: bool, num_examples: int) -> Split:
-    files = _tfrecord_files(path)
+def _read_tfrecord_meta(key: str, meta_path: str) -> dict:
+    try:
+        meta = json.loads(storage.read_text(meta_path))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"data.{key}: {meta_path} not found: tljob needs the class names written by `tljob convert`. Fix: "
+            f"convert the folder with `tljob convert`, or add {TFRECORD_META} with {{\"class_names\": [...]}}."
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"data.{key}: {meta_path} is not valid JSON ({exc}). Fix: write it again with "
+                        f"`tljob convert`.") from exc
+    names = meta.get("class_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DataError(f"data.{key}: {meta_path} has no list of class names (\"class_names\": [...]). Fix: write "
+                        f"it again with `tljob convert`.")
+    return meta
+
+
+def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool,
+                    num_examples: int) -> tuple[Split, list[str]]:
+    """The split, and the records that do not decode (found by the decode pass when the split is cached)."""
     records = tf.data.TFRecordDataset(files, num_parallel_reads=AUTOTUNE).map(
         lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=AUTOTUNE
     )
     if cache:
-        labels = np.array([r["image/class/label"] for r in records.as_numpy_iterator()], np.int64)
+        rows = list(records.map(lambda r: (r["image/class/label"], r["image/filename"])).as_numpy_iterator())
+        labels = np.array([label for label, _ in rows], np.int64)
         encoded = records.enumerate().map(lambda i, r: (i, r["image/encoded"]))
         good_idx, images = _scan(encoded, len(labels), cfg.image_size, keep_images=True)
-        return Split(name, len(good_idx), images=images, labels=labels[good_idx], num_files=len(files))
+        # Dropped by the decode pass, they are bad files like a folder's: named, counted, held to the limit.
+        bad = [f"data.{name} record {i}" + (f" ({rows[i][1].decode(errors='replace')})" if rows[i][1] else "")
+               for i in np.setdiff1d(np.arange(len(rows)), good_idx)]
+        return Split(name, len(good_idx), images=images, labels=labels[good_idx], num_files=len(files)), bad
     # Streamed: files are read per worker (FILE sharding when there are enough of them); the converter
     # already left out undecodable images, so decode errors here would be corruption and must surface.
     stream = tf.data.Dataset.from_tensor_slices(files).interleave(
@@ -270,7 +334,7 @@ def _tfrecord_split(name: str, path: str, cfg: DataConfig, cache: bool, num_exam
     ).map(
         lambda r: _parse_decode(r, cfg.image_size), num_parallel_calls=AUTOTUNE
     )
-    return Split(name, num_examples, stream=stream, num_files=len(files))
+    return Split(name, num_examples, stream=stream, num_files=len(files)), []
 
 
 def _parse_decode(record: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -281,18 +345,33 @@ def _parse_decode(record: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Ten
 def _load_tfrecord(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     del seed  # TFRecord splits are given as separate directories; shuffling happens in the pipeline
     paths = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
-    local = {k: storage.stage_input(v, cache_dir) for k, v in paths.items() if v}
-    metas = {k: _read_tfrecord_meta(v) for k, v in local.items()}
+    sources = {k: _tfrecord_source(k, v, cache_dir) for k, v in paths.items() if v}
+    metas = {k: meta for k, (_, meta) in sources.items()}
     class_names = metas["train"]["class_names"]
     for key, meta in metas.items():
         if meta["class_names"] != class_names:
             raise DataError(f"data.{key}: classes {meta['class_names']} differ from data.train's {class_names}.")
-    good = sum(int(m.get("num_examples", 0)) for m in metas.values())
-    cache = _want_cache(cfg, good)
-    splits = {k: _tfrecord_split(k, v, cfg, cache, int(metas[k].get("num_examples", 0))) for k, v in local.items()}
-    # Files `tljob convert` left out count as this run's bad files: same report, same limit.
-    bad = [f for m in metas.values() for f in m.get("bad_files", [])]
-    return _finish(cfg, class_names, splits, bad, good + len(bad))
+    counts = {k: _count_examples(k, files, meta) for k, (files, meta) in sources.items()}
+    records = sum(counts.values())
+    cache = _want_cache(cfg, records)
+    splits, bad_records = {}, []
+    for key, (files, _) in sources.items():
+        splits[key], bad = _tfrecord_split(key, files, cfg, cache, counts[key])
+        bad_records.extend(bad)
+    # Files `tljob convert` left out count as this run's bad files: same report, same limit. Splits that are
+    # globs over one converted folder share its meta.json: each left-out file counts once.
+    left_out = list(dict.fromkeys(f for m in metas.values() for f in m.get("bad_files", [])))
+    return _finish(cfg, class_names, splits, left_out + bad_records, records + len(left_out))
+
+
+def _count_examples(key: str, files: list[str], meta: dict) -> int:
+    """meta.json's count describes all of its folder's shards; a glob that picks some of them is counted."""
+    if len(files) == meta.get("shards") and "num_examples" in meta:
+        return int(meta["num_examples"])
+    n = int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda count, _: count + 1))
+    log.info("data.%s: %d of the folder's %s shards, %d records (counted)", key, len(files),
+             meta.get("shards", "?"), n)
+    return n
 
 
 def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_size: int | None = None) -> dict:
@@ -313,6 +392,7 @@ def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_si
     random.Random(0).shuffle(good)
     bad = [p for i, p in enumerate(paths) if i not in good_set]
     _report_bad(bad, len(paths))
+    check_every_class_has_images("--input", input_dir, class_names, items, bad)
     # Local outputs are written in place; gs:// outputs are written to scratch and uploaded in one sync.
     out = scratch / "records" if storage.is_remote(output_dir) else Path(storage.local_path(output_dir))
     out.mkdir(parents=True, exist_ok=True)

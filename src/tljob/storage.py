@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import fnmatch
 import functools
+import glob as globlib
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import google_crc32c
 import requests
@@ -98,18 +100,38 @@ def join(base: str, *parts: str) -> str:
 def local_path(path: str) -> str:
     """The filesystem path of a local path or file:// URI (ConfigError for any other scheme)."""
     if path.startswith("file://"):
-        parsed = urlparse(path)
-        if parsed.netloc not in ("", "localhost"):
+        # Split by hand: urllib's parser would read a glob's `?` as a query and drop the rest.
+        host, slash, rest = path[len("file://") :].partition("/")
+        if host not in ("", "localhost"):
             raise ConfigError(
                 f"{path!r}: a file:// URI must be absolute (file:///dir), not name the host "
-                f"{parsed.netloc!r}"
+                f"{host!r}"
             )
-        return unquote(parsed.path)
+        return unquote(slash + rest)
     if "://" in path:
         raise ConfigError(
             f"{path!r}: unsupported scheme; use a local path, file:///abs/path or gs://bucket/prefix"
         )
     return path
+
+
+def parent(path: str) -> str:
+    """The folder that holds `path` (a file, an object or a glob pattern)."""
+    if is_remote(path):
+        return posixpath.dirname(path.rstrip("/"))
+    return os.path.dirname(local_path(path).rstrip(os.sep)) or "."
+
+
+def has_wildcards(path: str) -> bool:
+    """True for a glob pattern: `*`, `?` or `[...]` anywhere in it."""
+    return any(ch in path for ch in "*?[")
+
+
+def _segment_matches(name: str, pattern: str) -> bool:
+    # As the shell (and glob.glob for local paths): a wildcard never matches a leading dot.
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _split_gs(uri: str) -> tuple[str, str]:
@@ -654,6 +676,39 @@ def stage_input(uri: str, cache_dir: str) -> str:
     single = {posixpath.basename(key): _RemoteObject(int(blob.size or 0), blob.crc32c, blob)}
     _download_objects(posixpath.dirname(uri), single, os.path.dirname(target))
     return target
+
+
+def stage_matching(pattern: str, cache_dir: str) -> list[str]:
+    """Local paths, sorted, of the files the glob `pattern` matches; [] when none does.
+
+    Wildcards match within one path segment, as in a shell (`gs://b/d/*.tfrecord` does not match
+    `gs://b/d/sub/x.tfrecord`). gs:// matches are staged as stage_input stages a folder, at
+    cache_dir/BUCKET/PATH, in one parallel, checksummed transfer; local matches come back as they are.
+    """
+    if not is_remote(pattern):
+        return sorted(
+            p
+            for p in globlib.glob(local_path(pattern))
+            if os.path.isfile(p) and not os.path.basename(p).startswith(_TMP_PREFIX)
+        )
+    bucket, key = _split_gs(pattern)
+    segments = key.split("/")
+    # List from the deepest folder without wildcards: the fewest objects that can match.
+    fixed = next((i for i, seg in enumerate(segments) if has_wildcards(seg)), len(segments) - 1)
+    base_key = "/".join(segments[:fixed])
+    base = f"gs://{bucket}/{base_key}" if base_key else f"gs://{bucket}"
+    wanted = segments[fixed:]
+    objects = {
+        rel: obj
+        for rel, obj in _remote_listing(base).items()
+        if len(rel.split("/")) == len(wanted)
+        and all(map(_segment_matches, rel.split("/"), wanted))
+    }
+    root = os.path.join(local_path(cache_dir), bucket)
+    target = _inside(root, base_key) if base_key else root
+    if objects:
+        _download_objects(base, objects, target)
+    return [_inside(target, rel) for rel in objects]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ Run directory (staged locally; `output` may be gs://, mirrored from the staging 
   backup/<phase>/                  BackupAndRestore state while a phase runs (removed when it completes)
   checkpoints/<phase>.weights.h5   weights at the end of each finished phase
   state.json                       which phases are finished
+  params.yaml                      the config, from the start of training (a resumed run is checked against it)
   history.json, status.json, logs/ (TensorBoard) during the run; at the end model/, metrics.json,
-  curves.png, metadata.json, params.yaml, and _SUCCESS last.
+  curves.png, metadata.json, and _SUCCESS last.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tljob import cluster, data, export, fastval, faults, model as model_lib, storage
+from tljob import cluster, config, data, export, fastval, faults, model as model_lib, storage
 from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
-from tljob.errors import EXIT_OK, DataError, RetryableError
+from tljob.errors import EXIT_OK, ConfigError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,24 @@ def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
     return root / "tljob-staging" / name / f"worker-{task_index}"
 
 
+def check_global_batch(num_examples: int, batch_size: int, replicas: int) -> None:
+    """ConfigError when the global batch is larger than the training set, before any training step.
+
+    The endless training stream would fill each batch with repeats of the same images, and a batch's
+    augmentation holds the whole batch as float images at once: far too large a batch ended in an
+    out-of-memory traceback (exit 1) instead of this message. With it, every epoch has a full batch.
+    """
+    global_batch = batch_size * replicas
+    if global_batch <= num_examples:
+        return
+    most = num_examples // replicas
+    fix = (f"set data.batch_size to at most {most}, or add training data" if most
+           else f"add training data: {replicas} replicas need at least {replicas} images")
+    raise ConfigError(
+        f"data.batch_size={batch_size}: the global batch ({batch_size} x {replicas} replicas = {global_batch}) is "
+        f"larger than the {num_examples} training images. Fix: {fix}.")
+
+
 def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
     """Drops records of epochs that are about to run again (1-based `epoch` > 0-based `first_epoch`)."""
     return [h for h in history if h["epoch"] <= first_epoch]
@@ -109,6 +128,7 @@ def run(cfg: JobConfig) -> int:
     if storage.is_finished(cfg.output):
         log.info("run %s is already finished (_SUCCESS exists): not retraining", cfg.output)
         return EXIT_OK
+    check_resumed_config(cfg, cfg.output)
     cluster.apply_cluster_env(spec, os.environ)
     # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
     strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
@@ -135,6 +155,28 @@ def run(cfg: JobConfig) -> int:
                 f"the cluster broke ({type(exc).__name__}: {str(exc).splitlines()[0]}); restart all workers "
                 f"with the same command to resume from the last backup") from exc
         raise
+
+
+def check_resumed_config(cfg: JobConfig, output: str) -> None:
+    """ConfigError when `output` is an unfinished run that started training with another config than `cfg`.
+
+    Runs on every worker, before anything is built, reading the run's params.yaml from the output itself
+    (the bucket for gs:// outputs): all workers refuse alike. Keys safe to change on resume:
+    config.SAFE_ON_RESUME_SECTIONS and config.SAFE_ON_RESUME_KEYS.
+    """
+    params = storage.join(output, export.PARAMS)
+    try:
+        saved = storage.read_text(params)
+    except FileNotFoundError:
+        return  # training never started there: a new run, or one stopped by a config or data error
+    changes = config.changes_on_resume(saved, params, cfg)
+    if changes:
+        safe = ", ".join([f"{s}.*" for s in config.SAFE_ON_RESUME_SECTIONS] + list(config.SAFE_ON_RESUME_KEYS))
+        raise ConfigError(
+            f"{output} is an unfinished run that started with another config; resuming would continue it with "
+            f"the new values mixed in. Changed: {'; '.join(changes)}. Fix: resume with the values in {params}, or "
+            f"start a new run with another --output (or delete {output} to start over). Safe to change when "
+            f"resuming: {safe}.")
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -316,12 +358,9 @@ class Trainer:
         cache_dir = self.cfg.data.cache_dir or str(self.ctx.staging.parent / "tljob-data-cache")
         ds = data.load_dataset(self.cfg.data, seed=self.cfg.seed, cache_dir=cache_dir)
         workers = self.ctx.spec.num_workers
+        check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
             ds.train.num_examples, self.ctx.global_batch, drop_remainder=workers > 1)
-        if steps < 1:
-            raise DataError(
-                f"{ds.train.num_examples} training images make no full global batch of {self.ctx.global_batch}. "
-                f"Fix: lower data.batch_size or add data.")
         # One endless stream, `steps` batches per epoch: with a finite dataset Keras makes a new iterator
         # every epoch, and tearing the old one down stalled epochs by up to 40 s (real recipe, 2 CPUs).
         train_ds = data.distributed_train_input(self.strategy, ds.train, global_batch=self.ctx.global_batch,
@@ -336,6 +375,11 @@ class Trainer:
                                           num_classes=ds.num_classes, cache_dir=cache_dir)
             if self.cfg.model.weights == "none" and "fine_tuning" not in done:
                 model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
+        if self.ctx.is_chief:
+            # When training starts (its data and model are ready), not only at the end: a resumed run is checked
+            # against it (check_resumed_config). Rewritten each attempt, with the safe keys' new values.
+            storage.write_text(str(self._path(export.PARAMS)), to_yaml(self.cfg))
+            self.mirror.push_file(export.PARAMS)
         for phase in PHASES:
             phase_cfg = getattr(self.cfg.train, phase)
             ckpt = self._path(CHECKPOINTS, f"{phase}.weights.h5")
@@ -490,7 +534,6 @@ class Trainer:
         export.write_json(self._path(export.METADATA), export.metadata(
             class_names=ds.class_names, image_size=cfg.data.image_size, config_digest=digest(cfg),
             num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch))
-        (self._path(export.PARAMS)).write_text(to_yaml(cfg))
         last = self.history[-1] if self.history else {}
         export.write_json(self._path(export.STATUS), {
             "state": "succeeded", "phase": last.get("phase"), "epoch": last.get("epoch"),
