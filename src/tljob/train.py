@@ -433,6 +433,9 @@ class Trainer:
                 log.info("phase %s already finished: loading %s", phase, ckpt)
                 with self.watchdog.working(f"loading {phase} weights", collectives=True):
                     model.load_weights(str(ckpt))
+                    # The test evaluation in _finish needs a compiled model: a restart after both phases
+                    # (the chief died in the final publish) used to fail there with exit 1, on every retry.
+                    self._compile(model, phase_cfg, ds.num_classes)
                 continue
             # Compile, fit's own set-up and the backup's restore are a stage with collectives; inside fit,
             # FaultCallback switches to per-batch beats.
@@ -460,11 +463,7 @@ class Trainer:
         if end == start:
             log.info("phase %s: 0 epochs configured, skipped", phase)
             return
-        lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
-                                   self.cfg.train.reference_batch_size)
-        with self.strategy.scope():
-            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
-                                        steps_per_execution=self.cfg.train.steps_per_execution)
+        lr = self._compile(model, phase_cfg, num_classes)
         trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
         log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
@@ -490,6 +489,16 @@ class Trainer:
         model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
                   steps_per_epoch=steps,
                   validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
+
+    def _compile(self, model: tf.keras.Model, phase_cfg: PhaseConfig, num_classes: int) -> float:
+        """Compiles for a phase on every worker (the optimizer's variables are created in the strategy's
+        scope); returns the learning rate."""
+        lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
+                                   self.cfg.train.reference_batch_size)
+        with self.strategy.scope():
+            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
+                                        steps_per_execution=self.cfg.train.steps_per_execution)
+        return lr
 
     def _validation(self, model: tf.keras.Model, ds: data.Dataset, val_ds: tf.data.Dataset | None,
                     ) -> tuple[fastval.CachedValidation | None, tf.data.Dataset | None]:
