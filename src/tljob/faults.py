@@ -100,10 +100,6 @@ class Watchdog:
     def armed(self) -> bool:
         return self._armed
 
-    @property
-    def stage(self) -> str:
-        return self._stages[-1][0]
-
     def enter(self, stage: str, limit_s: float | None) -> int:
         """Starts a stage with its own limit between beats (None: none); returns the depth to `leave`."""
         depth = len(self._stages)
