@@ -135,6 +135,7 @@ say("not reached")
 dog = Watchdog(0.5, allowance_s=30)
 dog.arm()
 with dog.working("feature pass", collectives=False, total=10) as progress:
+    time.sleep(1.0)  # the first batch traces: it has the allowance
     progress(1)
     say("stalled")
     ctypes.CDLL(None).sleep(30)

@@ -244,7 +244,8 @@ def test_frozen_peer_makes_survivor_exit_in_bound(tmp_path: Path) -> None:
         workers.kill()
 
 
-@pytest.mark.parametrize("execution", [(), ("--set", "train.steps_per_execution=2", "--set", "runtime.backup_every_steps=3")],
+@pytest.mark.parametrize("execution", [(), ("--set", "train.steps_per_execution=2",
+                                              "--set", "runtime.backup_every_steps=3")],
                          ids=["one-step-per-call", "two-steps-per-call"])
 def test_sigterm_to_chief_saves_backup_and_exits_retryable(tmp_path: Path, execution: tuple[str, ...]) -> None:
     # With two steps per call Keras reports batches 1, 3, ...: the SIGTERM check used to wait for a batch

@@ -195,7 +195,8 @@ class CachedValidation(tf.keras.callbacks.Callback):
     """
 
     def __init__(self, bottom: Graph, top: Graph, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                 binary: bool, strategy: tf.distribute.Strategy, cache_features: bool, watchdog: Watchdog | None = None):
+                 binary: bool, strategy: tf.distribute.Strategy, cache_features: bool,
+                 watchdog: Watchdog | None = None):
         super().__init__()
         self.bottom, self.top = bottom, top
         self.images, self.labels = images, labels.astype(np.int64)

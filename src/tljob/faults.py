@@ -118,19 +118,21 @@ class Watchdog:
 
         collectives=True: the stage may wait on peers (model build, a backup, a weights file, a test
         evaluation), so it gets `allowance_s` in all, progress or not. collectives=False: a local stage
-        (the feature pass, export, a storage transfer with its own deadline); with `total` it must call
-        `progress` at least every `timeout_s`, without it there is no limit. Runs on every worker.
+        (the feature pass, export, a storage transfer with its own deadline); with `total` it gets
+        `allowance_s` up to its first `progress` call (the first batch traces the stage's tf.functions)
+        and `timeout_s` between calls after that; without `total` there is no limit. Runs on every worker.
         """
-        if collectives:
-            limit: float | None = self.allowance_s
-        else:
-            limit = self.timeout_s if total is not None else None
+        limit = self.allowance_s if collectives or total is not None else None
         started = last_log = time.monotonic()
         log.debug("%s: started", stage)
+        first = True
 
         def progress(done: int) -> None:
-            nonlocal last_log
+            nonlocal last_log, first
             if not collectives:
+                if first:
+                    first = False
+                    self._stages = (*self._stages[:depth], (stage, self.timeout_s), *self._stages[depth + 1:])
                 self.beat()  # a stage with collectives must end within its allowance, progress or not
             now = time.monotonic()
             if now - last_log >= PROGRESS_LOG_S:
