@@ -3,8 +3,9 @@
 Clients reach it through STORAGE_EMULATOR_HOST. It forwards the Host header unchanged, so the
 emulator's resumable-upload Location and mediaLink URLs point back at the proxy. Faults:
 an HTTP status (503, 429, ...) for the next N requests, a dropped connection (socket closed
-with no answer) for the next N requests, 403 for every request on one bucket, and a flipped
-byte in the next N object downloads. Status and drop faults may first let `skip` requests
+with no answer) for the next N requests, 403 for every request on one bucket, a flipped
+byte in the next N object downloads, and an outage that starts right after the first request
+for a matching object (to catch a client inside one transfer). Status and drop faults may first let `skip` requests
 through, which interrupts a batch part-way deterministically.
 """
 
@@ -18,7 +19,7 @@ import re
 import socket
 import threading
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class FaultProxy:
         self._faults: list[_Fault] = []
         self._forbidden: set[str] = set()
         self._corrupt = 0
+        # fail_after_match: the pattern to wait for, then the status answered to everything after it.
+        self._after_pattern: re.Pattern[str] | None = None
+        self._after_status: int | None = None
+        self._pending_status = 503
         self._log: list[tuple[str, str, str]] = []  # (method, path, outcome)
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -91,6 +96,14 @@ class FaultProxy:
         with self._lock:
             self._forbidden.add(bucket)
 
+    def fail_after_match(self, pattern: str, status: int = 503) -> None:
+        """Forward the first request whose unquoted path and query, or the start of whose body (a
+        multipart upload names its object there), match `pattern`; then answer `status` to every
+        request until `heal()`: the client is caught mid-way through a transfer."""
+        with self._lock:
+            self._after_pattern, self._after_status = re.compile(pattern), None
+            self._pending_status = status
+
     def corrupt_next_downloads(self, n: int) -> None:
         """Flip the first byte of the next n object downloads, headers left as they were."""
         with self._lock:
@@ -102,6 +115,7 @@ class FaultProxy:
             self._faults.clear()
             self._forbidden.clear()
             self._corrupt = 0
+            self._after_pattern = self._after_status = None
 
     def requests(self, outcome: str | None = None) -> list[tuple[str, str]]:
         """(method, path) of requests seen, optionally only those with `outcome`
@@ -123,12 +137,18 @@ class FaultProxy:
             self._log.append(("GET", path, "corrupted"))
         return bytes([payload[0] ^ 0xFF]) + payload[1:]
 
-    def _decide(self, method: str, path: str) -> tuple[str, int]:
+    def _decide(self, method: str, path: str, body: bytes = b"") -> tuple[str, int]:
         """Which outcome this request gets; consumes one unit of the first active fault."""
         with self._lock:
             outcome, status = "forwarded", 0
             if bucket_of(path) in self._forbidden:
                 outcome, status = "forbidden", 403
+            elif self._after_status is not None:
+                outcome, status = "status", self._after_status
+            elif self._after_pattern is not None and self._after_pattern.search(
+                    unquote(path) + "\n" + body[:4096].decode("latin-1")):
+                # This one goes through; from the next request on the outage is on.
+                self._after_pattern, self._after_status = None, self._pending_status
             else:
                 for fault in self._faults:
                     if fault.skip > 0:
@@ -168,7 +188,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                outcome, status = proxy._decide(self.command, self.path)
+                outcome, status = proxy._decide(self.command, self.path, body)
                 if outcome == "dropped":
                     # Shut down without a byte of answer: the client sees the server vanish.
                     self.connection.shutdown(socket.SHUT_RDWR)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,15 @@ def test_multiworker_batches_drop_remainder() -> None:
 def test_fits_in_memory() -> None:
     assert data.fits_in_memory(1000, 160, 100)
     assert not data.fits_in_memory(10_000, 160, 100)
+
+
+def test_decode_pass_logs_its_progress(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # On thousands of files the decode pass is the longest stage before training: it says how far it got.
+    monkeypatch.setattr(data, "_SCAN_LOG_S", 0.0)
+    png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+    encoded = tf.data.Dataset.from_tensor_slices((np.arange(300, dtype=np.int64), [png] * 299 + [b"not an image"]))
+    with caplog.at_level(logging.INFO, logger="tljob.data"):
+        good, images = data._scan(encoded, 300, 8, keep_images=True)
+    assert len(good) == 299 and images.shape == (299, 8, 8, 3)
+    assert "decode pass: 256 of 300 files decoded after" in caplog.text
+    assert "decode pass: 299 of 300 files decoded after" in caplog.text

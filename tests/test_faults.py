@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tljob.errors import EXIT_RETRYABLE, ConfigError
-from tljob.faults import GracefulTermination, Watchdog, is_peer_failure
+from tljob.faults import GracefulTermination, StopCheck, Watchdog, calls_between_checks, is_peer_failure
 
 PRELUDE = """
 import ctypes, logging, os, signal, sys, time
@@ -66,7 +68,8 @@ say("not reached")
     code, ended, err = finish(proc, 15)
     assert code == EXIT_RETRYABLE, err
     assert 1.0 <= ended - stopped < 3.0
-    assert "no training progress for 1 s: a peer is probably dead or frozen; exiting with retryable code 75" in err
+    assert ("no progress in the run for 1 s (limit 1 s): a peer is probably dead or frozen; exiting with retryable "
+            "code 75") in err
 
 
 def test_watchdog_quiet_while_beating_or_disarmed() -> None:
@@ -84,12 +87,109 @@ say("done")
 """)
     code, _, err = finish(proc, 15)
     assert code == 0, err
-    assert "no training progress" not in err
+    assert "no progress" not in err
+
+
+def test_watchdog_stages_local_progress_and_no_limit_stay_quiet() -> None:
+    # Long work that is not a training step: a local stage that reports progress outlives the timeout
+    # many times over, one without collectives and without progress reports has no limit.
+    proc = start("""
+dog = Watchdog(0.5, allowance_s=30)
+dog.arm()
+with dog.working("feature pass", collectives=False, total=40) as progress:
+    for i in range(40):  # 2 s in all, 0.05 s per batch
+        time.sleep(0.05)
+        progress(i + 1)
+with dog.working("export", collectives=False):
+    time.sleep(1.5)
+with dog.working("model build", collectives=True):
+    time.sleep(1.5)  # within the allowance
+time.sleep(0.2)
+dog.close()
+say("done")
+""")
+    code, _, err = finish(proc, 20)
+    assert code == 0, err
+    assert "no progress" not in err
+    assert "feature pass: finished in" in err and "export: finished in" in err
+
+
+def test_watchdog_bounds_a_stage_with_collectives_and_a_local_stage_that_stops_reporting() -> None:
+    # A dead peer inside a stage with collectives: the allowance bounds it even when progress is reported.
+    proc = start("""
+dog = Watchdog(0.5, allowance_s=1.5)
+dog.arm()
+with dog.working("BatchNorm calibration", collectives=True) as progress:
+    say("started")
+    for i in range(200):
+        time.sleep(0.05)
+        progress(i)  # not a beat: a stage with collectives must end within its allowance
+say("not reached")
+""")
+    started = wait_for(proc, "started")
+    code, ended, err = finish(proc, 15)
+    assert code == EXIT_RETRYABLE, err
+    assert 1.5 <= ended - started < 3.5
+    assert "no progress in BatchNorm calibration for 2 s (limit 1.5 s)" in err
+    proc = start("""
+dog = Watchdog(0.5, allowance_s=30)
+dog.arm()
+with dog.working("feature pass", collectives=False, total=10) as progress:
+    time.sleep(1.0)  # the first batch traces: it has the allowance
+    progress(1)
+    say("stalled")
+    ctypes.CDLL(None).sleep(30)
+say("not reached")
+""")
+    stalled = wait_for(proc, "stalled")
+    code, ended, err = finish(proc, 15)
+    assert code == EXIT_RETRYABLE, err
+    assert 0.5 <= ended - stalled < 2.0
+    assert "no progress in feature pass for 1 s (limit 0.5 s)" in err
+
+
+def test_stop_check_counts_calls_not_batch_numbers() -> None:
+    # With steps_per_execution=2 Keras reports batch 1, 3, 5, ...: a check of `batch % 10` never ran.
+    term = GracefulTermination(grace_s=5)
+    asked: list[bool] = []
+
+    def agree(flag: bool) -> bool:
+        asked.append(flag)
+        return flag
+
+    check = StopCheck(term, agree, every_calls=calls_between_checks(steps_per_execution=2, num_workers=2))
+    assert check.every_calls == 5
+    assert [check.should_stop() for _ in range(10)] == [False] * 10
+    assert asked == [False, False]  # every 5th call asks the peers, on every worker alike
+    term._requested.set()  # what the SIGTERM reader thread does
+    assert [check.should_stop() for _ in range(5)] == [False] * 4 + [True]
+    assert calls_between_checks(1, 2) == 10 and calls_between_checks(16, 2) == 1 and calls_between_checks(3, 1) == 1
+    with pytest.raises(ConfigError, match="every_calls"):
+        StopCheck(term, every_calls=0)
 
 
 def test_watchdog_rejects_non_positive_timeout() -> None:
     with pytest.raises(ConfigError, match="runtime.peer_timeout_s"):
         Watchdog(0)
+
+
+TLJOB = [sys.executable, "-m", "tljob.cli"]
+DRY_RUN = str(Path(__file__).resolve().parents[1] / "job" / "dry_run.yaml")
+
+
+def test_feature_pass_longer_than_peer_timeout_does_not_trip_the_watchdog(tmp_path) -> None:
+    # One worker, thousands of validation images: the once-per-phase feature pass takes several times
+    # runtime.peer_timeout_s. It used to end in exit 75 ("a peer is probably dead"), on every restart.
+    args = ["train", "--config", DRY_RUN, "--output", str(tmp_path / "run"),
+            "--set", "runtime.peer_timeout_s=2", "--set", "data.synthetic.train_examples=64",
+            "--set", "data.synthetic.validation_examples=6000", "--set", "data.synthetic.test_examples=0",
+            "--set", "train.feature_extraction.epochs=1", "--set", "train.fine_tuning.epochs=0"]
+    out = subprocess.run([*TLJOB, *args], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    took = float(re.search(r"cached validation: feature pass: finished in ([\d.]+) s", out.stderr).group(1))
+    assert took > 2 * 2, f"the feature pass took {took} s: too short to prove anything; add validation images"
+    assert "no progress" not in out.stderr
+    assert (tmp_path / "run" / "_SUCCESS").is_file()
 
 
 # --- SIGTERM ------------------------------------------------------------------------------------------
@@ -166,29 +266,33 @@ def test_uninstall_restores_the_previous_handler() -> None:
     assert not term.requested
 
 
-def test_sigterm_in_keras_fit_saves_backup_and_exits_75(tmp_path) -> None:
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_sigterm_in_keras_fit_saves_backup_and_exits_75(tmp_path, steps_per_execution: int) -> None:
     marker = tmp_path / "backup"
     proc = start(f"""
 import tljob
 import numpy as np
 import tensorflow as tf
 from tljob.errors import TljobError
-from tljob.faults import fault_callback
+from tljob.faults import StopCheck
+from tljob.train import FaultCallback
 dog = Watchdog(30)
+dog.arm()
 term = GracefulTermination(grace_s=20)
 term.install()
 model = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(4,))])
-model.compile("sgd", "mse")
+model.compile("sgd", "mse", steps_per_execution={steps_per_execution})
 data = tf.data.Dataset.from_tensors((np.zeros(4, "float32"), np.zeros(2, "float32"))).repeat().batch(2)
 class Started(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
-        if batch == 5:
-            say("training")
+        if batch >= 5 and not hasattr(self, "said"):
+            self.said = say("training")
 def save_backup():
     open({str(marker)!r}, "w").write("saved")
 try:
+    # Every 10th call: with 2 steps per call the batch numbers are odd, and `batch % 10` was never 0.
     model.fit(data, steps_per_epoch=10**6, verbose=0,
-              callbacks=[Started(), fault_callback(dog, term, save_backup, check_every_batches=2)])
+              callbacks=[Started(), FaultCallback(dog, StopCheck(term, every_calls=10), save_backup)])
 except TljobError as exc:
     logging.error("%s", exc)
     sys.exit(exc.exit_code)  # as cli.main does
@@ -300,7 +404,8 @@ import logging, os, sys
 import tljob
 from tljob import cluster
 from tljob.errors import TljobError
-from tljob.faults import GracefulTermination, Watchdog, fault_callback
+from tljob.faults import GracefulTermination, StopCheck, Watchdog
+from tljob.train import FaultCallback
 logging.basicConfig(level=logging.INFO)
 spec = cluster.resolve_cluster(os.environ)
 strategy = cluster.create_strategy(spec, "auto")
@@ -318,7 +423,9 @@ class Started(tf.keras.callbacks.Callback):
             print("training", flush=True)
 def save_backup():
     open(os.environ["MARKER"], "w").write("saved")
-callback = fault_callback(Watchdog(30), term, save_backup, cluster.make_any_worker(strategy), check_every_batches=10)
+dog = Watchdog(30)
+dog.arm()
+callback = FaultCallback(dog, StopCheck(term, cluster.make_any_worker(strategy), every_calls=10), save_backup)
 try:
     model.fit(data, steps_per_epoch=10**6, verbose=0, callbacks=[Started(), callback])
 except TljobError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import backed_up_epoch
+from backups import backed_up_epoch, backed_up_step
 from tljob import storage
 from tljob.errors import EXIT_OK, EXIT_RETRYABLE
 
@@ -244,9 +244,15 @@ def test_frozen_peer_makes_survivor_exit_in_bound(tmp_path: Path) -> None:
         workers.kill()
 
 
-def test_sigterm_to_chief_saves_backup_and_exits_retryable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("execution", [(), ("--set", "train.steps_per_execution=2",
+                                              "--set", "runtime.backup_every_steps=3")],
+                         ids=["one-step-per-call", "two-steps-per-call"])
+def test_sigterm_to_chief_saves_backup_and_exits_retryable(tmp_path: Path, execution: tuple[str, ...]) -> None:
+    # With two steps per call Keras reports batches 1, 3, ...: the SIGTERM check used to wait for a batch
+    # number divisible by 10, never came, and the run went on until the grace timer killed it.
     out = tmp_path / "run"
-    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT, "--set", "train.feature_extraction.epochs=30")
+    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT, "--set", "train.feature_extraction.epochs=30",
+            *execution)
     workers = Workers(tmp_path, tf_config_envs(2), args).start()
     try:
         wait_until(lambda: len(history(out)) >= 1, workers)
@@ -256,7 +262,14 @@ def test_sigterm_to_chief_saves_backup_and_exits_retryable(tmp_path: Path) -> No
     finally:
         workers.kill()
     assert codes == [EXIT_RETRYABLE, EXIT_RETRYABLE], workers.logs()
-    assert "termination requested" in workers.log(0)
+    assert "termination requested" in workers.log(0) and "termination requested" in workers.log(1)
+    assert "no exit 25 s after SIGTERM" not in workers.log(0), "the grace timer, not the trainer, ended the run"
     after = {p: p.stat().st_mtime_ns for p in (out / "backup").rglob("*") if p.is_file()}
     assert any(after.get(p) != before.get(p) for p in after), "no new backup was written"
+    # The backup records the last step that ran (the end of a two-step call: an odd step), so a restart
+    # repeats none.
+    stopped_at = int(re.search(r"stopped at batch (\d+)", workers.log(0)).group(1))
+    assert backed_up_step(out / "backup" / "feature_extraction")[1] == stopped_at
+    if execution:
+        assert stopped_at % 2 == 1
     assert not (out / "_SUCCESS").exists()

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 TFRECORD_META = "meta.json"
 # Read in chunks so the decode pass never holds more than this many images beyond the cache itself.
 _SCAN_CHUNK = 256
+_SCAN_LOG_S = 10.0  # how often the decode pass logs its progress
 _BAD_FILES_LOGGED = 20
 
 
@@ -132,15 +134,21 @@ def _no_autotuner() -> tf.data.Options:
 def _scan(
     encoded_ds: tf.data.Dataset, count: int, image_size: int, keep_images: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decodes every element of (index, encoded bytes); returns the indices that decoded (and the images)."""
+    """Decodes every element of (index, encoded bytes); returns the indices that decoded (and the images).
+
+    Logs how far it got every _SCAN_LOG_S: on thousands of files it is the longest stage before training."""
     good: list[np.ndarray] = []
     images = np.empty((count, image_size, image_size, 3), np.uint8) if keep_images else None
     n = 0
+    started = last_log = time.monotonic()
     for idx, batch in _scan_pipeline(encoded_ds, image_size).as_numpy_iterator():
         good.append(idx)
         if images is not None:
             images[n:n + len(idx)] = batch
         n += len(idx)
+        if time.monotonic() - last_log >= _SCAN_LOG_S:
+            last_log = time.monotonic()
+            log.info("decode pass: %d of %d files decoded after %.0f s", n, count, last_log - started)
     good_idx = np.concatenate(good) if good else np.empty((0,), np.int64)
     return good_idx, (images[:n] if images is not None else None)
 

@@ -21,14 +21,16 @@ phase, so distributing it would save little, and the per-epoch part is a fractio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from tljob.faults import Watchdog
 from tljob.model import head_units
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,8 @@ class CachedValidation(tf.keras.callbacks.Callback):
     """
 
     def __init__(self, bottom: Graph, top: Graph, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                 binary: bool, strategy: tf.distribute.Strategy, cache_features: bool):
+                 binary: bool, strategy: tf.distribute.Strategy, cache_features: bool,
+                 watchdog: Watchdog | None = None):
         super().__init__()
         self.bottom, self.top = bottom, top
         self.images, self.labels = images, labels.astype(np.int64)
@@ -201,6 +204,7 @@ class CachedValidation(tf.keras.callbacks.Callback):
         self.binary = binary
         self.strategy = strategy
         self.cache_features = cache_features
+        self.watchdog = watchdog
         self._features: list[list[tf.Tensor]] | None = None
         # The last validation: when it started (perf_counter; at an epoch end, when training stopped), how
         # long it took, and what it found (the final weights' metrics once fit returns).
@@ -235,9 +239,21 @@ class CachedValidation(tf.keras.callbacks.Callback):
         return [(self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size])
                 for i in range(0, len(self.images), self.batch_size)]
 
+    def _working(self, stage: str, total: int) -> ContextManager[Callable[[int], None]]:
+        """A watchdog stage beaten per batch: validation is local (no collective), and on thousands of
+        images it takes longer than runtime.peer_timeout_s."""
+        if self.watchdog is None:
+            return contextlib.nullcontext(_no_progress)
+        return self.watchdog.working(stage, collectives=False, total=total)
+
     def _extract(self) -> list[list[tf.Tensor]]:
         start = time.perf_counter()
-        features = [list(self._local(self._bottom_fn, tf.constant(x))) for x, _ in self._batches()]
+        batches = self._batches()
+        features = []
+        with self._working("cached validation: feature pass", len(batches)) as progress:
+            for x, _ in batches:
+                features.append(list(self._local(self._bottom_fn, tf.constant(x))))
+                progress(len(features))
         log.info("cached validation: boundary features of %d images computed in %.1f s", len(self.images),
                  time.perf_counter() - start)
         return features
@@ -248,16 +264,17 @@ class CachedValidation(tf.keras.callbacks.Callback):
         """val_loss and val_accuracy of the model's current weights on the validation images."""
         start = self.last_started = time.perf_counter()
         loss_sum = correct = 0.0
-        if self.cache_features:
-            if self._features is None:
-                self._features = self._extract()
-            for feats, (_, y) in zip(self._features, self._batches()):
-                loss, right = self._local(self._top_fn, *feats, tf.constant(y))
+        if self.cache_features and self._features is None:
+            self._features = self._extract()
+        batches = self._batches()
+        with self._working("cached validation", len(batches)) as progress:
+            for i, (x, y) in enumerate(batches):
+                if self._features is not None:
+                    loss, right = self._local(self._top_fn, *self._features[i], tf.constant(y))
+                else:
+                    loss, right = self._local(self._full_fn, tf.constant(x), tf.constant(y))
                 loss_sum, correct = loss_sum + float(loss), correct + float(right)
-        else:
-            for x, y in self._batches():
-                loss, right = self._local(self._full_fn, tf.constant(x), tf.constant(y))
-                loss_sum, correct = loss_sum + float(loss), correct + float(right)
+                progress(i + 1)
         n = len(self.images)
         self.last_seconds = time.perf_counter() - start
         self.last_metrics = {"val_loss": loss_sum / n, "val_accuracy": correct / n}
@@ -273,6 +290,10 @@ class CachedValidation(tf.keras.callbacks.Callback):
         if logs is not None:
             logs.update(metrics)
         log.debug("epoch %d: cached validation %s in %.2f s", epoch + 1, metrics, self.last_seconds)
+
+
+def _no_progress(done: int) -> None:
+    """Progress report of a validation without a watchdog (fastval used on its own)."""
 
 
 def boundary_shapes(bottom: Graph, images: np.ndarray) -> list[tuple[tuple[int, ...], tf.DType]]:
@@ -294,13 +315,14 @@ def feature_megabytes(shapes: Sequence[tuple[tuple[int, ...], tf.DType]], num_im
 
 def make_validation_callback(model: tf.keras.Model, val_images_uint8: np.ndarray, val_labels: np.ndarray, *,
                              batch_size: int, num_classes: int, budget_mb: float,
-                             steps: int | None = None) -> CachedValidation:
+                             steps: int | None = None, watchdog: Watchdog | None = None) -> CachedValidation:
     """A callback computing fit's validation metrics from cached constant-part features.
 
     Call it after the phase's unfreeze and compile (the split follows the layers' `trainable` flags at
     that moment) and pass it first in fit's callbacks, without `validation_data`. `budget_mb` caps the
     cached features; above it the callback still validates, running the whole network each epoch.
     `steps`, like fit's validation_steps, limits validation to the first steps x batch_size images.
+    `watchdog` (the trainer's) gets a beat per batch of the once-per-phase feature pass.
     Creates no variables, so it may be called inside or outside `strategy.scope()`.
     """
     if batch_size < 1:
@@ -318,4 +340,4 @@ def make_validation_callback(model: tf.keras.Model, val_images_uint8: np.ndarray
              "within" if cache else "over", budget_mb, "" if cache else ": running the whole network each epoch")
     return CachedValidation(bottom, top, val_images_uint8, val_labels, batch_size=batch_size,
                             binary=head_units(num_classes) == 1, strategy=model.distribute_strategy,
-                            cache_features=cache)
+                            cache_features=cache, watchdog=watchdog)

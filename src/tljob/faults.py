@@ -11,6 +11,7 @@ need them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -19,16 +20,18 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
-from tljob.errors import EXIT_RETRYABLE, ConfigError, RetryableError
-
-if TYPE_CHECKING:
-    import tensorflow as tf
+from tljob.errors import EXIT_RETRYABLE, ConfigError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 25.0  # under Kubernetes' default terminationGracePeriodSeconds (30 s)
+# A stage with collectives and no progress reports may take this many peer timeouts, at least the minimum
+# (model build and the first step's tracing of the real MobileNetV2 on two CPU workers take tens of seconds).
+STAGE_ALLOWANCE_FACTOR = 4
+MIN_STAGE_ALLOWANCE_S = 120.0
+PROGRESS_LOG_S = 10.0  # how often a long stage logs how far it got
 # InternalError and UnknownError mean a peer failure only when they come from the cluster's plumbing.
 _PEER_TEXT = re.compile(r"collective|coordination|heartbeat|grpc|connection reset|socket closed", re.IGNORECASE)
 
@@ -48,23 +51,37 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}: invalid value {value!r}. Fix: use a positive number of seconds.")
 
 
-class Watchdog:
-    """Exits the process with `exit_code` when no progress was reported for `timeout_s` while armed.
+def stage_allowance(timeout_s: float) -> float:
+    """How long a stage that contains collectives but reports no progress (model build, a backup, the
+    first step's tracing) may run: long enough for a real model on CPU workers, and still a bound, so a
+    collective blocked on a dead peer ends in exit 75 even when TensorFlow never raises."""
+    return max(STAGE_ALLOWANCE_FACTOR * timeout_s, MIN_STAGE_ALLOWANCE_S)
 
-    The thread starts at construction, disarmed; `arm()` before training, `beat()` on every batch
-    end (train and validation), `disarm()` around slow phases that are not steps (model building,
-    export). A beat is one float store, cheap enough for every batch.
+
+class Watchdog:
+    """Exits the process with `exit_code` when the job made no progress for too long while armed.
+
+    The thread starts at construction, disarmed; the trainer arms it for the whole run. What counts as
+    too long depends on the stage the job is in (`working`): `timeout_s` between beats while training
+    (every batch end beats, train and validation) and in local stages that report progress;
+    `allowance_s` in stages that contain collectives and report none; no limit in local stages without
+    collectives and without progress reports (they cannot wait on a peer). A beat is one float store,
+    cheap enough for every batch.
     """
 
-    def __init__(self, timeout_s: float, exit_code: int = EXIT_RETRYABLE) -> None:
+    def __init__(self, timeout_s: float, exit_code: int = EXIT_RETRYABLE, allowance_s: float | None = None) -> None:
         _positive("runtime.peer_timeout_s", timeout_s)
         self.timeout_s = timeout_s
+        self.allowance_s = stage_allowance(timeout_s) if allowance_s is None else allowance_s
+        _positive("allowance_s", self.allowance_s)
         self.exit_code = exit_code
         # Plain attributes: single stores and loads are atomic under the GIL; no lock on the step path.
+        # _stages is an immutable tuple of (name, limit in s or None), replaced whole, innermost last.
         self._last_beat = time.monotonic()
+        self._stages: tuple[tuple[str, float | None], ...] = (("the run", timeout_s),)
         self._armed = False
         self._closed = threading.Event()
-        # Checking ten times per timeout bounds the exit at 1.1 x timeout_s.
+        # Checking ten times per timeout bounds the exit at 1.1 x the limit.
         self._poll_s = min(1.0, timeout_s / 10)
         self._thread = threading.Thread(target=self._watch, name="tljob-watchdog", daemon=True)
         self._thread.start()
@@ -83,20 +100,78 @@ class Watchdog:
     def armed(self) -> bool:
         return self._armed
 
+    def enter(self, stage: str, limit_s: float | None) -> int:
+        """Starts a stage with its own limit between beats (None: none); returns the depth to `leave`."""
+        depth = len(self._stages)
+        self._stages = (*self._stages, (stage, limit_s))
+        self.beat()
+        return depth
+
+    def leave(self, depth: int) -> None:
+        """Ends the stage `enter` returned `depth` for, and any stage entered inside it."""
+        self._stages = self._stages[:depth]
+        self.beat()
+
+    @contextlib.contextmanager
+    def working(self, stage: str, *, collectives: bool, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """A long stage that is not a training step; yields `progress(done)`, which beats and logs.
+
+        collectives=True: the stage may wait on peers (model build, a backup, a weights file, a test
+        evaluation), so it gets `allowance_s` in all, progress or not. collectives=False: a local stage
+        (the feature pass, export, a storage transfer with its own deadline); with `total` it gets
+        `allowance_s` up to its first `progress` call (the first batch traces the stage's tf.functions)
+        and `timeout_s` between calls after that; without `total` there is no limit. Runs on every worker.
+        """
+        limit = self.allowance_s if collectives or total is not None else None
+        started = last_log = time.monotonic()
+        log.debug("%s: started", stage)
+        first = True
+
+        def progress(done: int) -> None:
+            nonlocal last_log, first
+            if not collectives:
+                if first:
+                    first = False
+                    self._stages = (*self._stages[:depth], (stage, self.timeout_s), *self._stages[depth + 1:])
+                self.beat()  # a stage with collectives must end within its allowance, progress or not
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_LOG_S:
+                last_log = now
+                log.info("%s: %d of %s done after %.0f s", stage, done, total if total is not None else "?",
+                         now - started)
+
+        depth = self.enter(stage, limit)
+        try:
+            yield progress
+        finally:
+            self.leave(depth)
+        took = time.monotonic() - started
+        log.log(logging.INFO if took >= 1.0 else logging.DEBUG, "%s: finished in %.1f s", stage, took)
+
     def close(self) -> None:
         """Stops the thread (end of the run, or tests)."""
         self._closed.set()
         self._thread.join()
 
     def _watch(self) -> None:
+        reported = 0.0  # the idle time last reported, so a long quiet stage is logged every PROGRESS_LOG_S
         while not self._closed.wait(self._poll_s):
+            stage, limit = self._stages[-1]
             idle = time.monotonic() - self._last_beat
-            if self._armed and idle > self.timeout_s:
+            if idle < reported:
+                reported = 0.0
+            if self._armed and idle - reported >= PROGRESS_LOG_S:
+                reported = idle
+                log.info("%s: still working, %.0f s since the last progress (limit %s)", stage, idle,
+                         "none" if limit is None else f"{limit:.0f} s")
+            if self._armed and limit is not None and idle > limit:
                 _hard_exit(
                     self.exit_code,
-                    "no training progress for %.0f s: a peer is probably dead or frozen; "
+                    "no progress in %s for %.0f s (limit %g s): a peer is probably dead or frozen; "
                     "exiting with retryable code %d",
+                    stage,
                     idle,
+                    limit,
                     self.exit_code,
                 )
 
@@ -234,59 +309,39 @@ def is_peer_failure(exc: BaseException) -> bool:
     return False
 
 
-def fault_callback(
-    watchdog: Watchdog | None,
-    termination: GracefulTermination | None,
-    on_terminate: Callable[[], None],
-    agree: Callable[[bool], bool] = bool,
-    check_every_batches: int = 1,
-) -> tf.keras.callbacks.Callback:
-    """A Keras callback that feeds the watchdog and turns a termination request into a backup + exit 75.
+class StopCheck:
+    """Decides at a batch end whether to stop for SIGTERM: True on every worker when any got one.
+
+    Runs on every worker, once per `on_train_batch_end` call. With `train.steps_per_execution` N,
+    Keras calls that hook once per N steps with the execution's last step index, so batch numbers
+    are not a usable clock (with N=2 a test of `batch % 10` never passes): this counts calls, which
+    are the same on every worker, and asks every `every_calls`-th one.
 
     agree: by default this worker decides alone (right for one worker). In a multi-worker run pass
     `cluster.make_any_worker(strategy)`, so that all workers stop at the same batch when any of them
     got SIGTERM (one worker saving alone would deadlock the others' collectives). That is an
-    all-reduce (about 3.5 ms on loopback), hence `check_every_batches`, e.g. 10: the batch numbers
-    are the same on every worker, so all of them call it together.
+    all-reduce (about 3.5 ms on loopback), hence `every_calls`.
     """
-    import tensorflow as tf
 
-    if check_every_batches < 1:
-        raise ConfigError(f"check_every_batches: invalid value {check_every_batches!r}. Fix: use 1 or more.")
+    def __init__(self, termination: GracefulTermination, agree: Callable[[bool], bool] = bool,
+                 every_calls: int = 1) -> None:
+        if every_calls < 1:
+            raise ConfigError(f"every_calls: invalid value {every_calls!r}. Fix: use 1 or more.")
+        self.termination = termination
+        self.agree = agree
+        self.every_calls = every_calls
+        self._calls = 0
 
-    class FaultCallback(tf.keras.callbacks.Callback):
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            if watchdog is not None:
-                watchdog.arm()
+    def should_stop(self) -> bool:
+        self._calls += 1
+        if self._calls % self.every_calls:
+            return False
+        return self.agree(self.termination.requested)
 
-        def on_train_end(self, logs: dict | None = None) -> None:
-            if watchdog is not None:
-                watchdog.disarm()
 
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._beat()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            self._beat()
-
-        def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            self._beat()
-
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            self._beat()
-            if termination is None or batch % check_every_batches:
-                return
-            if agree(termination.requested):
-                log.warning("termination requested (SIGTERM here or on a peer) at batch %d: saving a backup",
-                            batch)
-                on_terminate()
-                raise RetryableError(
-                    f"stopped at batch {batch} after SIGTERM (here or on a peer); the backup is saved and a "
-                    "restarted job resumes from it"
-                )
-
-        def _beat(self) -> None:
-            if watchdog is not None:
-                watchdog.beat()
-
-    return FaultCallback()
+def calls_between_checks(steps_per_execution: int, num_workers: int, steps: int = 10) -> int:
+    """Batch-end calls between SIGTERM checks: about every `steps` steps with several workers (the
+    agreement is an all-reduce), every call with one."""
+    if num_workers == 1:
+        return 1
+    return max(1, -(-steps // steps_per_execution))

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -187,26 +187,101 @@ class RunBackup(tf.keras.callbacks.BackupAndRestore):
     and hands every saved backup to `on_saved` (the chief uploads it to the bucket).
 
     Keras only resumes mid-epoch when `save_freq` is an int, so the parent always gets an int (never
-    reached when no step backups are wanted) and epoch-end backups are made here.
+    reached when no step backups are wanted) and epoch-end backups are made here. The step a backup
+    records is the last one finished (the parent records the first step of the running execution,
+    which with `steps_per_execution` N > 1 would redo N - 1 steps on resume, and at an epoch end make
+    a restore run the epoch's last steps again). Every save is a stage with collectives for the watchdog.
     """
 
     _NEVER = 2**62
 
-    def __init__(self, backup_dir: str, every_steps: int | None, on_saved: Any):
+    def __init__(self, backup_dir: str, every_steps: int | None, on_saved: Any, watchdog: faults.Watchdog):
         super().__init__(backup_dir, save_freq=every_steps or self._NEVER, delete_checkpoint=True)
         self._on_saved = on_saved
+        self._watchdog = watchdog
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        """The step is recorded when it has finished (on_train_batch_end), not when it starts."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # `batch` is the last step the execution ran: a restore continues with the one after it.
+        self._training_state._ckpt_saved_batch.assign(batch)
+        super().on_train_batch_end(batch, logs)
 
     def _backup(self, epoch: int, batch: int = 0) -> None:
-        super()._backup(epoch=epoch, batch=batch)
-        self._on_saved()
+        with self._watchdog.working("backup", collectives=True):
+            super()._backup(epoch=epoch, batch=batch)
+            self._on_saved()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         # _ckpt_saved_batch holds the epoch's last step here, so a restore starts the next epoch.
         self._backup(epoch=epoch)
 
     def backup_now(self) -> None:
-        """Saves at the current step (on_train_batch_begin recorded it); a restore continues with the next."""
+        """Saves at the last finished step (on_train_batch_end recorded it); a restore continues with the next."""
         self._backup(epoch=self._current_epoch)
+
+
+class FaultCallback(tf.keras.callbacks.Callback):
+    """Feeds the watchdog from fit's batch ends and turns a termination request into a backup + exit 75.
+
+    Runs on every worker. While fit trains, the watchdog's stage is "training": every batch end (train
+    and validation) and epoch boundary beats, and `peer_timeout_s` without a beat means a dead or frozen
+    peer. The first training step and the first validation step trace and compile their step function,
+    which contains collectives: each is a stage of its own with the bounded allowance.
+    """
+
+    def __init__(self, watchdog: faults.Watchdog, stop: faults.StopCheck, on_terminate: Any):
+        super().__init__()
+        self.watchdog = watchdog
+        self.stop = stop
+        self.on_terminate = on_terminate
+        self._training: int | None = None
+        self._tracing: int | None = None
+        self._traced: set[str] = set()
+
+    def _enter_tracing(self, what: str) -> None:
+        if what not in self._traced:
+            self._traced.add(what)
+            self._tracing = self.watchdog.enter(f"first {what} step (tracing)", self.watchdog.allowance_s)
+
+    def _leave_tracing(self) -> None:
+        if self._tracing is not None:
+            self.watchdog.leave(self._tracing)
+            self._tracing = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._training = self.watchdog.enter("training", self.watchdog.timeout_s)
+        self._enter_tracing("training")
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._training is not None:
+            self.watchdog.leave(self._training)
+            self._training = self._tracing = None
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self._enter_tracing("validation")
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.watchdog.beat()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.watchdog.beat()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._leave_tracing()
+        self.watchdog.beat()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._leave_tracing()
+        self.watchdog.beat()
+        if self.stop.should_stop():
+            log.warning("termination requested (SIGTERM here or on a peer) at batch %d: saving a backup", batch)
+            self.on_terminate()
+            raise RetryableError(
+                f"stopped at batch {batch} after SIGTERM (here or on a peer); the backup is saved and a "
+                "restarted job resumes from it"
+            )
 
 
 class Progress(tf.keras.callbacks.Callback):
@@ -303,7 +378,13 @@ class Trainer:
 
     def _push_backup(self) -> None:
         if self.ctx.is_chief:
-            self.mirror.push(BACKUP)
+            self._upload("backup", lambda: self.mirror.push(BACKUP))
+
+    def _upload(self, what: str, push: Callable[[], object]) -> None:
+        """Chief only: a transfer to the output. A local stage for the watchdog: storage retries end in
+        exit 75 at their own deadline (TLJOB_STORAGE_DEADLINE_S), which may be longer than peer_timeout_s."""
+        with self.watchdog.working(f"upload of {what}", collectives=False):
+            push()
 
     # -- state
 
@@ -329,7 +410,7 @@ class Trainer:
         if self.ctx.is_chief:
             state = export.read_json(self._path(STATE), {})
             export.write_json(self._path(STATE), {**state, "completed_phases": done})
-            self.mirror.push()
+            self._upload("the run's state", self.mirror.push)
 
     def on_epoch_recorded(self, record: dict) -> None:
         metrics = {k: v for k, v in record.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
@@ -347,16 +428,21 @@ class Trainer:
             "updated_at": _now(), "started_at": self.started_at, "name": self.cfg.name,
             "num_workers": self.ctx.spec.num_workers,
         })
-        self.mirror.push_file(export.HISTORY)
-        self.mirror.push_file(export.STATUS)
+        self._upload("history and status", lambda: (self.mirror.push_file(export.HISTORY),
+                                                    self.mirror.push_file(export.STATUS)))
 
     # -- the run
 
     def run(self) -> int:
         self.termination.install()
-        done = self._restore_state()
+        # Armed for the whole attempt: every stage below either beats or has its own limit (Watchdog.working).
+        # Left armed when the attempt raises, so an exit that hangs on a broken collective is still bounded.
+        self.watchdog.arm()
+        with self.watchdog.working("restoring the run from its output", collectives=False):
+            done = self._restore_state()
         cache_dir = self.cfg.data.cache_dir or str(self.ctx.staging.parent / "tljob-data-cache")
-        ds = data.load_dataset(self.cfg.data, seed=self.cfg.seed, cache_dir=cache_dir)
+        with self.watchdog.working("loading data (decode pass)", collectives=False):
+            ds = data.load_dataset(self.cfg.data, seed=self.cfg.seed, cache_dir=cache_dir)
         workers = self.ctx.spec.num_workers
         check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
@@ -371,10 +457,13 @@ class Trainer:
         tf.keras.utils.set_random_seed(self.cfg.seed)
         with self.strategy.scope():
             # Variables of both phases are created in this scope: the model here, the optimizers in compile.
-            model = model_lib.build_model(self.cfg.model, image_size=self.cfg.data.image_size,
-                                          num_classes=ds.num_classes, cache_dir=cache_dir)
+            # Creating a variable under MultiWorkerMirroredStrategy broadcasts its value: collectives.
+            with self.watchdog.working("model build", collectives=True):
+                model = model_lib.build_model(self.cfg.model, image_size=self.cfg.data.image_size,
+                                              num_classes=ds.num_classes, cache_dir=cache_dir)
             if self.cfg.model.weights == "none" and "fine_tuning" not in done:
-                model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
+                with self.watchdog.working("BatchNorm calibration", collectives=True):
+                    model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
         if self.ctx.is_chief:
             # When training starts (its data and model are ready), not only at the end: a resumed run is checked
             # against it (check_resumed_config). Rewritten each attempt, with the safe keys' new values.
@@ -388,12 +477,22 @@ class Trainer:
                     model_lib.unfreeze_from(model, self.cfg.train.fine_tuning.fine_tune_at)
             if phase in done:
                 log.info("phase %s already finished: loading %s", phase, ckpt)
-                model.load_weights(str(ckpt))
+                with self.watchdog.working(f"loading {phase} weights", collectives=True):
+                    model.load_weights(str(ckpt))
+                    # The test evaluation in _finish needs a compiled model: a restart after both phases
+                    # (the chief died in the final publish) used to fail there with exit 1, on every retry.
+                    self._compile(model, phase_cfg, ds.num_classes)
                 continue
-            self._fit_phase(model, phase, phase_cfg, ds, train_ds, val_ds, steps)
-            self._save_phase_weights(model, phase)
+            # Compile, fit's own set-up and the backup's restore are a stage with collectives; inside fit,
+            # FaultCallback switches to per-batch beats.
+            with self.watchdog.working(f"phase {phase}", collectives=True):
+                self._fit_phase(model, phase, phase_cfg, ds, train_ds, val_ds, steps)
+            with self.watchdog.working(f"saving {phase} weights", collectives=True):
+                self._save_phase_weights(model, phase)
             self._mark_phase_done(phase, done)
-        return self._finish(model, ds)
+        result = self._finish(model, ds)
+        self.watchdog.disarm()
+        return result
 
     def _calibration_sample(self, split: data.Split, n: int = 64) -> "np.ndarray":
         """The first n training images in the seeded shuffle order (the same on every worker)."""
@@ -410,15 +509,12 @@ class Trainer:
         if end == start:
             log.info("phase %s: 0 epochs configured, skipped", phase)
             return
-        lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
-                                   self.cfg.train.reference_batch_size)
-        with self.strategy.scope():
-            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
-                                        steps_per_execution=self.cfg.train.steps_per_execution)
+        lr = self._compile(model, phase_cfg, num_classes)
         trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
         log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
-        backup = RunBackup(str(self._path(BACKUP, phase)), self.cfg.runtime.backup_every_steps, self._push_backup)
+        backup = RunBackup(str(self._path(BACKUP, phase)), self.cfg.runtime.backup_every_steps, self._push_backup,
+                           self.watchdog)
         # After compile: the cached-validation split follows the layers' trainable flags of this phase.
         cached_validation, val_ds = self._validation(model, ds, val_ds)
         callbacks: list[tf.keras.callbacks.Callback] = [
@@ -429,18 +525,26 @@ class Trainer:
             Progress(self, phase, steps, cached_validation),
             backup,
             # Multi-worker: the SIGTERM agreement is an all-reduce (~3.5 ms on loopback), so not every batch.
-            faults.fault_callback(self.watchdog, self.termination, backup.backup_now, agree=self.agree,
-                                  check_every_batches=10 if self.ctx.spec.num_workers > 1 else 1),
+            FaultCallback(self.watchdog, faults.StopCheck(self.termination, self.agree, faults.calls_between_checks(
+                self.cfg.train.steps_per_execution, self.ctx.spec.num_workers)), backup.backup_now),
         ]
         if self.ctx.is_chief:
             callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(LOGS, phase)), update_freq="epoch"))
             if storage.is_remote(self.cfg.output or ""):
                 callbacks.append(FileSync(self.mirror, self.cfg.runtime.log_sync_s))
-        # The fault callback arms the watchdog for fit and disarms it when fit returns; when fit raises
-        # it stays armed, so an exit that hangs on a broken collective is still bounded.
         model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
                   steps_per_epoch=steps,
                   validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
+
+    def _compile(self, model: tf.keras.Model, phase_cfg: PhaseConfig, num_classes: int) -> float:
+        """Compiles for a phase on every worker (the optimizer's variables are created in the strategy's
+        scope); returns the learning rate."""
+        lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
+                                   self.cfg.train.reference_batch_size)
+        with self.strategy.scope():
+            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
+                                        steps_per_execution=self.cfg.train.steps_per_execution)
+        return lr
 
     def _validation(self, model: tf.keras.Model, ds: data.Dataset, val_ds: tf.data.Dataset | None,
                     ) -> tuple[fastval.CachedValidation | None, tf.data.Dataset | None]:
@@ -455,7 +559,7 @@ class Trainer:
             return None, val_ds
         callback = fastval.make_validation_callback(
             model, split.images, split.labels, batch_size=self.ctx.global_batch, num_classes=ds.num_classes,
-            budget_mb=self.cfg.data.cache_budget_mb, steps=self.cfg.train.validation_steps)
+            budget_mb=self.cfg.data.cache_budget_mb, steps=self.cfg.train.validation_steps, watchdog=self.watchdog)
         return callback, None
 
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
@@ -471,20 +575,25 @@ class Trainer:
         test_metrics = {}
         if ds.test is not None:
             test_ds = data.eval_pipeline(ds.test, global_batch=self.ctx.global_batch, num_workers=workers)
-            out = model.evaluate(test_ds, return_dict=True, verbose=0)
+            with self.watchdog.working("test evaluation", collectives=True):
+                out = model.evaluate(test_ds, return_dict=True, verbose=0)
             test_metrics = {f"test_{k}": float(v) for k, v in out.items()}
         # Every worker logs it (all take part, as reading a distributed variable may be a collective):
         # equal digests prove the replicas stayed in sync.
-        weights = model.get_weights()
+        with self.watchdog.working("reading the final weights", collectives=True):
+            weights = model.get_weights()
         log.info("final weights digest: %s", weights_digest(weights))
         if not self.ctx.is_chief:
             log.info("worker %d done; the chief publishes the run", self.ctx.spec.task_index)
             return EXIT_OK
-        export.export_model(self._serving_copy(ds.num_classes, weights), self._path(export.MODEL_DIR))
-        self._write_final_files(ds, test_metrics)
-        # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
-        storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
-        listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
+        # Chief only, after the last collective: export and publish wait on no peer.
+        with self.watchdog.working("export", collectives=False):
+            export.export_model(self._serving_copy(ds.num_classes, weights), self._path(export.MODEL_DIR))
+            self._write_final_files(ds, test_metrics)
+        with self.watchdog.working("publish", collectives=False):
+            # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
+            storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
+            listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
 
