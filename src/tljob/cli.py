@@ -76,6 +76,10 @@ def cmd_manifests(args: argparse.Namespace) -> int:
         output=args.output,
         namespace=args.namespace,
         config_path=args.config,
+        queue=args.queue,
+        priority_class=args.priority_class,
+        gcp_service_account=args.gcp_service_account,
+        gcsfuse_bucket=args.gcsfuse_bucket,
     )
     log.info("wrote %d manifest files to %s", len(written), args.out_dir)
     return EXIT_OK
@@ -125,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="gs:// run directory; default: the checked-in one")
     p.add_argument("--namespace", default=None)
     p.add_argument("--config", default=None, help="job YAML for the ConfigMap; default job/cats_vs_dogs.yaml")
+    p.add_argument("--queue", default=None, help="Kueue LocalQueue that admits the Job, JobSet or TFJob")
+    p.add_argument("--priority-class", default=None, help="Kueue WorkloadPriorityClass of the workload")
+    p.add_argument("--gcp-service-account", default=None, metavar="EMAIL",
+                   help="Google service account to impersonate; default: roles granted to the Kubernetes SA itself")
+    p.add_argument("--gcsfuse-bucket", default=None, metavar="BUCKET",
+                   help="mount gs://BUCKET read-only at /gcs/BUCKET (GKE Cloud Storage FUSE CSI driver)")
     p.add_argument("-o", "--out-dir", required=True, help="directory to write the YAML files to")
     p.set_defaults(func=cmd_manifests)
 
