@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -29,16 +30,23 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tljob.config import load_config, to_yaml  # no TensorFlow: config errors come back fast
+    from tljob.layout import RunLayout, vertex_run  # Vertex AI's AIP_* folders when no --output is given
 
     cfg = load_config(args.config, args.set)
+    layout = RunLayout()
+    vertex = None if args.output else vertex_run(os.environ)
     if args.output:
         cfg = dataclasses.replace(cfg, output=args.output)
+    elif vertex is not None:
+        if cfg.output:
+            log.info("output %s of the config replaced by Vertex AI's %s (AIP_MODEL_DIR)", cfg.output, vertex.output)
+        cfg, layout = dataclasses.replace(cfg, output=vertex.output), vertex.layout
     if not cfg.output:
         raise ConfigError("output: not set. Fix: pass --output DIR (or gs://bucket/prefix) or set `output:` in the YAML.")
     log.info("final config:\n%s", to_yaml(cfg))
     from tljob.train import run
 
-    return run(cfg)
+    return run(cfg, layout)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ Runs on every worker. All workers execute the same program (the collectives need
 writes the run's files. Non-chief workers write what the collectives force them to write (backups,
 exports) into temporary directories that are removed again.
 
-Run directory (staged locally; `output` may be gs://, mirrored from the staging directory):
+Run directory (staged locally; `output` may be gs://, mirrored from the staging directory), with the
+folders of tljob.layout (Vertex AI's under a custom job) for the model, backups and logs:
   backup/<phase>/                  BackupAndRestore state while a phase runs (removed when it completes)
   checkpoints/<phase>.weights.h5   weights at the end of each finished phase
   state.json                       which phases are finished
@@ -31,14 +32,13 @@ import tensorflow as tf
 from tljob import cluster, data, export, fastval, faults, model as model_lib, storage
 from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
 from tljob.errors import EXIT_OK, DataError, RetryableError
+from tljob.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 PHASES = ("feature_extraction", "fine_tuning")
 STATE = "state.json"
-BACKUP = "backup"
 CHECKPOINTS = "checkpoints"
-LOGS = "logs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,7 @@ class RunContext:
     global_batch: int
     staging: Path  # local directory mirrored to cfg.output
     is_chief: bool
+    layout: RunLayout  # where the model, backups and logs go in the run directory
 
 
 # ----------------------------------------------------------------------------- pure policy
@@ -99,7 +100,7 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- entry
 
 
-def run(cfg: JobConfig) -> int:
+def run(cfg: JobConfig, layout: RunLayout) -> int:
     """Trains, resumes, or recognises as finished the run described by `cfg`; returns the exit code."""
     if cfg.output is None:
         raise ValueError("run() needs cfg.output; cli.py sets it")  # programming error, not user input
@@ -121,6 +122,7 @@ def run(cfg: JobConfig) -> int:
         global_batch=cluster.global_batch_size(cfg.data.batch_size, replicas),
         staging=staging_dir(cfg.output, cfg.runtime.staging_dir, spec.task_index),
         is_chief=cluster.is_chief(strategy),
+        layout=layout,
     )
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
              spec.task_type, spec.task_index, spec.num_workers, replicas, ctx.is_chief, ctx.global_batch,
@@ -212,15 +214,16 @@ class Progress(tf.keras.callbacks.Callback):
 class FileSync(tf.keras.callbacks.Callback):
     """Chief only: uploads TensorBoard logs at most every `every_s` seconds (gs:// outputs)."""
 
-    def __init__(self, mirror: storage.Mirror, every_s: float):
+    def __init__(self, mirror: storage.Mirror, logs: str, every_s: float):
         super().__init__()
         self.mirror = mirror
+        self.logs = logs
         self.every_s = every_s
         self._last = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if time.monotonic() - self._last >= self.every_s:
-            self.mirror.push(LOGS)
+            self.mirror.push(self.logs)
             self._last = time.monotonic()
 
 
@@ -261,7 +264,7 @@ class Trainer:
 
     def _push_backup(self) -> None:
         if self.ctx.is_chief:
-            self.mirror.push(BACKUP)
+            self.mirror.push(self.ctx.layout.backup)
 
     # -- state
 
@@ -374,7 +377,7 @@ class Trainer:
         trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
         log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
-        backup = RunBackup(str(self._path(BACKUP, phase)), self.cfg.runtime.backup_every_steps, self._push_backup)
+        backup = RunBackup(str(self._path(self.ctx.layout.backup, phase)), self.cfg.runtime.backup_every_steps, self._push_backup)
         # After compile: the cached-validation split follows the layers' trainable flags of this phase.
         cached_validation, val_ds = self._validation(model, ds, val_ds)
         callbacks: list[tf.keras.callbacks.Callback] = [
@@ -389,9 +392,9 @@ class Trainer:
                                   check_every_batches=10 if self.ctx.spec.num_workers > 1 else 1),
         ]
         if self.ctx.is_chief:
-            callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(LOGS, phase)), update_freq="epoch"))
+            callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(self.ctx.layout.logs, phase)), update_freq="epoch"))
             if storage.is_remote(self.cfg.output or ""):
-                callbacks.append(FileSync(self.mirror, self.cfg.runtime.log_sync_s))
+                callbacks.append(FileSync(self.mirror, self.ctx.layout.logs, self.cfg.runtime.log_sync_s))
         # The fault callback arms the watchdog for fit and disarms it when fit returns; when fit raises
         # it stays armed, so an exit that hangs on a broken collective is still bounded.
         model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
@@ -436,10 +439,10 @@ class Trainer:
         if not self.ctx.is_chief:
             log.info("worker %d done; the chief publishes the run", self.ctx.spec.task_index)
             return EXIT_OK
-        export.export_model(self._serving_copy(ds.num_classes, weights), self._path(export.MODEL_DIR))
+        export.export_model(self._serving_copy(ds.num_classes, weights), self._path(self.ctx.layout.model))
         self._write_final_files(ds, test_metrics)
         # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
-        storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
+        storage.remove_tree(storage.join(self.cfg.output or "", self.ctx.layout.backup))
         listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
@@ -462,7 +465,7 @@ class Trainer:
     def _write_final_files(self, ds: data.Dataset, test_metrics: dict) -> None:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
-        shutil.rmtree(self._path(BACKUP), ignore_errors=True)
+        shutil.rmtree(self._path(self.ctx.layout.backup), ignore_errors=True)
         by_phase = {}
         for phase in PHASES:
             recs = [h for h in self.history if h["phase"] == phase]
