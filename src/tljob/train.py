@@ -74,6 +74,15 @@ def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
     return root / "tljob-staging" / name / f"worker-{task_index}"
 
 
+def tfds_data_dir(output: str, data_dir: str | None) -> str | None:
+    """data.data_dir, or for a gs:// run gs://BUCKET/tfds: one copy of each TFDS dataset that the chief prepares
+    and every worker and restart of every run in the bucket reads (outside the run directory, which a restarted
+    pod pulls whole). A local run keeps TFDS's own ~/tensorflow_datasets (None)."""
+    if data_dir is not None or not storage.is_remote(output):
+        return data_dir
+    return "gs://" + output.removeprefix("gs://").split("/", 1)[0] + "/tfds"
+
+
 def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
     """Drops records of epochs that are about to run again (1-based `epoch` > 0-based `first_epoch`)."""
     return [h for h in history if h["epoch"] <= first_epoch]
@@ -317,7 +326,10 @@ class Trainer:
         self.termination.install()
         done = self._restore_state()
         cache_dir = self.cfg.data.cache_dir or str(self.ctx.staging.parent / "tljob-data-cache")
-        ds = data.load_dataset(self.cfg.data, seed=self.cfg.seed, cache_dir=cache_dir)
+        data_cfg = self.cfg.data
+        if data_cfg.source == "tfds":
+            data_cfg = dataclasses.replace(data_cfg, data_dir=tfds_data_dir(self.cfg.output or "", data_cfg.data_dir))
+        ds = data.load_dataset(data_cfg, seed=self.cfg.seed, cache_dir=cache_dir, chief=self.ctx.is_chief)
         workers = self.ctx.spec.num_workers
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
             ds.train.num_examples, self.ctx.global_batch, drop_remainder=workers > 1)
