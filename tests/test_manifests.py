@@ -244,7 +244,7 @@ def test_non_obvious_fields_carry_their_reason() -> None:
 
 # The fields that the platform options add, each with its own reason above it.
 OPTION_FIELDS = {manifests.QUEUE_LABEL, manifests.PRIORITY_LABEL, manifests.GSA_ANNOTATION, "annotations",
-                 f"- name: {manifests.GCSFUSE_VOLUME}"}
+                 f"- name: {manifests.GCSFUSE_VOLUME}", "mountOptions"}
 
 
 @pytest.mark.parametrize("overrides", [

@@ -453,21 +453,22 @@ def set_gcp_service_account(docs: Documents, email: str) -> None:
 
 def set_gcsfuse(docs: Documents, bucket: str) -> None:
     """The bucket, read-only at GCSFUSE_ROOT/BUCKET in every worker, through GKE's Cloud Storage FUSE CSI driver."""
+    sidecar = {f"gke-gcsfuse/{name}-{kind}": amount for name, amount in GCSFUSE_SIDECAR.items()
+               for kind in ("request", "limit")}
     for pod in pod_templates(docs):
-        sidecar = {f"gke-gcsfuse/{name}-{kind}": amount for name, amount in GCSFUSE_SIDECAR.items()
-                   for kind in ("request", "limit")}
         insert_after(pod["metadata"], "labels", "annotations", CommentedMap({"gke-gcsfuse/volumes": "true", **sidecar}),
                      "GKE injects the Cloud Storage FUSE sidecar for the gcs-data volume; its share, requests = limits")
         spec = pod["spec"]
+        user = spec["securityContext"]
+        attributes = CommentedMap({"bucketName": bucket,
+                                   "mountOptions": f"implicit-dirs,uid={user['runAsUser']},gid={user['runAsGroup']}"})
         append(spec["volumes"], CommentedMap({"name": GCSFUSE_VOLUME, "csi": CommentedMap({
-            "driver": "gcsfuse.csi.storage.gke.io",
-            "readOnly": True,
-            "volumeAttributes": CommentedMap({
-                "bucketName": bucket,
-                # The image's user owns the files; implicit-dirs lists folders that exist only as object prefixes.
-                "mountOptions": "implicit-dirs,uid=10001,gid=10001",
-            }),
-        })}), f"gs://{bucket}, read-only, through the Cloud Storage FUSE CSI driver (tljob manifests --gcsfuse-bucket)")
+            "driver": "gcsfuse.csi.storage.gke.io", "readOnly": True, "volumeAttributes": attributes})}),
+            f"gs://{bucket}, read-only, through the Cloud Storage FUSE CSI driver (tljob manifests --gcsfuse-bucket)")
+        # Below "- name:": the list item's column, then csi's fields, then volumeAttributes' fields.
+        attributes.yaml_set_comment_before_after_key(
+            "mountOptions", before="files owned by the pod's user (the mount is root's otherwise); implicit-dirs: "
+                                   "folders that exist only as object name prefixes", indent=_indent_of(spec["volumes"]) + 6)
         for container in spec["containers"]:
             append(container["volumeMounts"], CommentedMap(
                 {"name": GCSFUSE_VOLUME, "mountPath": f"{GCSFUSE_ROOT}/{bucket}", "readOnly": True}),
