@@ -374,7 +374,9 @@ def prepare_tfds(cfg: DataConfig, *, chief: bool, wait_s: float = TFDS_WAIT_S, p
     if chief:
         started = time.monotonic()
         log.info("TFDS %s %s: preparing in %s for every worker", cfg.name, builder.version, cfg.data_dir)
-        builder.download_and_prepare()
+        # The archives are scratch (only the prepared records are shared): on local disk, not in the bucket.
+        with tempfile.TemporaryDirectory(prefix="tljob-tfds-downloads-") as downloads:
+            builder.download_and_prepare(download_dir=downloads)
         storage.write_text(marker, f"{cfg.name} {builder.version}\n")
         log.info("TFDS %s %s: prepared in %.1f s", cfg.name, builder.version, time.monotonic() - started)
         return
