@@ -8,12 +8,14 @@ import copy
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -33,12 +35,19 @@ WORKER_COUNTS = (1, 2, 4, 8)
 CHECKOV = Path(os.environ.get("TLJOB_CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
 # The options that drop fields and annotations: no GPU, a namespace, an image pinned by digest.
 PINNED_CPU = {"workers": 4, "gpus_per_worker": 0, "namespace": "ml", "image": "r.example/tljob:1@sha256:" + "0" * 64}
+# The platform options, which add fields: Kueue, the impersonation path, a bucket mounted in place.
+PLATFORM = {"queue": "team-a", "priority_class": "high", "gcp_service_account": "tljob-trainer@p.iam.gserviceaccount.com",
+            "gcsfuse_bucket": "my-data"}
+EVERY_OPTION = {**PINNED_CPU, **PLATFORM}
+# The CRDs' OpenAPI v3 schemas (served versions), from the released YAML (tests/schemas/README.md).
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 
 def render(tmp_path: Path, **overrides: Any) -> dict[str, dict[str, Any]]:
     """Renders into tmp_path (defaults unless overridden); relative path -> parsed object."""
     args = {"workers": 2, "gpus_per_worker": 1, "image": None, "output": None, "namespace": None,
-            "config_path": None, **overrides}
+            "config_path": None, "queue": None, "priority_class": None, "gcp_service_account": None,
+            "gcsfuse_bucket": None, **overrides}
     written = manifests.render_to_dir(str(tmp_path), **args)
     return {str(Path(p).relative_to(tmp_path)): yaml.safe_load(Path(p).read_text()) for p in written}
 
@@ -75,6 +84,41 @@ def crd_templates_as_core_objects(objs: dict[str, dict[str, Any]]) -> list[dict[
         {"apiVersion": "batch/v1", "kind": "Job", "metadata": copy.deepcopy(tfjob["metadata"]),
          "spec": {"template": tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]}},
     ]
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """A CRD schema as the API server applies it with fieldValidation=Strict (kubectl's default): an object
+    schema that lists its properties rejects any other field, unless it preserves unknown fields."""
+    out = dict(schema)
+    if "properties" in schema:
+        out["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = strict(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            out[key] = [strict(sub) for sub in schema[key]]
+    return out
+
+
+CRD_SCHEMAS = {  # (apiVersion, kind) -> the vendored schema file
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobset.x-k8s.io_jobsets.json",
+    ("kueue.x-k8s.io/v1beta2", "LocalQueue"): "kueue.x-k8s.io_localqueues.json",
+    ("kueue.x-k8s.io/v1beta2", "ClusterQueue"): "kueue.x-k8s.io_clusterqueues.json",
+    ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): "kueue.x-k8s.io_workloadpriorityclasses.json",
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): "kueue.x-k8s.io_resourceflavors.json",
+}
+
+
+def crd_errors(obj: dict[str, Any]) -> list[str]:
+    """Where `obj` breaks its CRD's schema, strictly; an object of another API version or kind is an error too."""
+    name = CRD_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+    if name is None:
+        return [f"no vendored CRD schema for {obj.get('apiVersion')} {obj.get('kind')}"]
+    validator = jsonschema.Draft7Validator(strict(json.loads((SCHEMAS / name).read_text())))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
 
 
 # --- the checked-in set --------------------------------------------------------------------------------
@@ -198,28 +242,42 @@ def test_non_obvious_fields_carry_their_reason() -> None:
         assert job[line - 1].strip().startswith("# "), f"job.yaml: {name} has no reason above it"
 
 
+# The fields that the platform options add, each with its own reason above it.
+OPTION_FIELDS = {manifests.QUEUE_LABEL, manifests.PRIORITY_LABEL, manifests.GSA_ANNOTATION, "annotations",
+                 f"- name: {manifests.GCSFUSE_VOLUME}", "mountOptions"}
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     PINNED_CPU,
     {"gpus_per_worker": 2, "namespace": "ml"},
+    PLATFORM,
+    EVERY_OPTION,
 ])
 def test_options_keep_every_reason_above_its_own_field(tmp_path: Path, overrides: dict[str, Any]) -> None:
-    """Options that drop or add fields (GPUs, namespace, digest) move the comments with them: each reason
-    in a rendering stands above the field it stands above in the template, and none is lost."""
+    """Options that drop or add fields (GPUs, namespace, digest, the platform options) move the comments with
+    them: each reason in a rendering stands above the field it stands above in the template, and none is lost;
+    a field an option adds has a reason of its own."""
     config = tmp_path / "job.yaml"
     config.write_text("name: x\n")  # no comments of its own in the ConfigMap
     out = tmp_path / "out"
     render(out, config_path=str(config), **overrides)
+    options_added: set[str] = set()
     for path in sorted(TEMPLATES.rglob("*.yaml")):
         name = str(path.relative_to(TEMPLATES))
         text = (out / name).read_text()
         template, rendered = reasons(path.read_text()), reasons(text)
-        assert rendered <= template, f"{name}: reasons above other fields: {rendered - template}"
+        added = rendered - template
+        assert {line.strip() for _, line in added} <= OPTION_FIELDS, f"{name}: reasons above other fields: {added}"
+        added_fields = {field(line).strip() for line in text.splitlines()} & (OPTION_FIELDS - {"annotations"})
+        assert added_fields <= {line.strip() for _, line in added}, f"{name}: an added field has no reason"
+        options_added |= added_fields
         fields = {field(line) for line in text.splitlines()}
         lost = {pair for pair in template - rendered if pair[1] in fields}
         assert not lost, f"{name}: reasons lost: {lost}"
         if not overrides:
             assert rendered == template, name
+    assert bool(options_added) == any(key in overrides for key in PLATFORM)
 
 
 def test_edits_move_the_reasons_and_template_mistakes_fail_loudly() -> None:
@@ -247,7 +305,8 @@ def test_checked_in_core_objects_validate_strictly(version: str) -> None:
         assert kubernetes_validate.validate(obj, version, strict=True) == version, obj["kind"]
 
 
-@pytest.mark.parametrize("overrides", [*({"workers": n} for n in WORKER_COUNTS), PINNED_CPU, {"gpus_per_worker": 4}])
+@pytest.mark.parametrize("overrides", [*({"workers": n} for n in WORKER_COUNTS), PINNED_CPU, {"gpus_per_worker": 4},
+                                       PLATFORM, EVERY_OPTION])
 def test_rendered_sets_validate_strictly(tmp_path: Path, overrides: dict[str, Any]) -> None:
     objs = render(tmp_path, **overrides)
     core = [obj for name, obj in objs.items() if "/" not in name] + crd_templates_as_core_objects(objs)
@@ -264,22 +323,37 @@ def test_strict_validation_catches_a_misspelled_field() -> None:
         kubernetes_validate.validate(job, K8S_VERSIONS[0], strict=True)
 
 
-def test_crd_variants_have_the_fields_their_apis_define() -> None:
-    """Shape checks from the JobSet (v1alpha2) and TFJob (kubeflow.org/v1) types, which have no schema here."""
-    objs = load_dir(CHECKED_IN)
-    jobset = objs["jobset/jobset.yaml"]
-    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
-    assert set(jobset["spec"]) <= {"replicatedJobs", "network", "successPolicy", "failurePolicy", "startupPolicy",
-                                   "suspend", "coordinator", "managedBy", "ttlSecondsAfterFinished"}
-    assert set(jobset["spec"]["failurePolicy"]) <= {"maxRestarts", "restartStrategy", "rules"}
-    for rule in jobset["spec"]["failurePolicy"]["rules"]:
-        assert set(rule) <= {"name", "action", "onJobFailureReasons", "onJobFailureMessagePatterns",
-                             "targetReplicatedJobs"} and {"name", "action"} <= set(rule)
-    (replicated,) = jobset["spec"]["replicatedJobs"]
-    assert set(replicated) <= {"name", "groupName", "template", "replicas", "dependsOn"}
+@pytest.mark.parametrize("overrides", [{}, PINNED_CPU, PLATFORM, EVERY_OPTION, {"workers": 8, "gpus_per_worker": 4}])
+def test_jobset_validates_strictly_against_its_crd(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    """The JobSet CRD's own schema (v0.12.0, v1alpha2), unknown fields rejected as kubectl apply does."""
+    jobset = render(tmp_path, **overrides)["jobset/jobset.yaml"]
+    assert crd_errors(jobset) == []
     # JobSet restarts everything when a child Job fails, so a failed pod must fail its Job at once.
+    (replicated,) = jobset["spec"]["replicatedJobs"]
     assert replicated["template"]["spec"]["backoffLimit"] == 0
 
+
+@pytest.mark.parametrize(("where", "field_name"), [
+    ((), "replicatedJob"),  # for replicatedJobs
+    (("failurePolicy",), "restartStrategie"),
+    (("failurePolicy", "rules", 0), "onJobFailureReason"),
+    (("replicatedJobs", 0, "template", "spec"), "backoffLimitPerIndx"),
+    (("coordinator",), "podIdx"),
+])
+def test_strict_crd_validation_catches_a_misspelled_field(where: tuple[Any, ...], field_name: str) -> None:
+    """The check above can fail: a field the CRD does not define is an error, at the top of the spec and below."""
+    jobset = copy.deepcopy(load_dir(CHECKED_IN)["jobset/jobset.yaml"])
+    node = jobset["spec"]
+    for key in where:
+        node = node[key]
+    node[field_name] = 1
+    errors = crd_errors(jobset)
+    assert len(errors) == 1 and f"'{field_name}' was unexpected" in errors[0], errors
+
+
+def test_crd_variants_have_the_fields_their_apis_define() -> None:
+    """Shape checks from the TFJob (kubeflow.org/v1) type, which has no schema here."""
+    objs = load_dir(CHECKED_IN)
     tfjob = objs["tfjob/tfjob.yaml"]
     assert (tfjob["apiVersion"], tfjob["kind"]) == ("kubeflow.org/v1", "TFJob")
     assert set(tfjob["spec"]) <= {"runPolicy", "tfReplicaSpecs", "successPolicy", "enableDynamicWorker"}
@@ -360,6 +434,138 @@ def test_failure_policy_follows_the_exit_codes() -> None:
     assert jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["podFailurePolicy"]["rules"][0] == rules[0]
 
 
+def job_failure(job_spec: dict[str, Any], exit_code: int, disrupted: bool) -> tuple[str, str] | None:
+    """(reason, message) of the Failed condition that one failed pod gives its Job, as Kubernetes' Job controller
+    writes them (pkg/controller/job/pod_failure_policy.go) for backoffLimit 0; None: the pod is replaced."""
+    container = job_spec["template"]["spec"]["containers"][0]["name"]
+    pod = "ns/tljob-worker-0-1"
+    for index, rule in enumerate(job_spec["podFailurePolicy"]["rules"]):
+        codes = rule.get("onExitCodes")
+        by_code = codes is not None and codes["containerName"] == container and exit_code != 0 and (
+            (exit_code in codes["values"]) == (codes["operator"] == "In"))
+        by_condition = disrupted and any(c["type"] == "DisruptionTarget" and c["status"] == "True"
+                                         for c in rule.get("onPodConditions", []))
+        if not (by_code or by_condition):
+            continue
+        if rule["action"] == "Ignore":
+            return None
+        if rule["action"] == "FailJob":
+            return "PodFailurePolicy", (
+                f"Container {container} for pod {pod} failed with exit code {exit_code} matching FailJob rule at index "
+                f"{index}" if by_code else f"Pod {pod} has condition DisruptionTarget matching FailJob rule at index {index}")
+        break  # Count: against backoffLimit 0
+    assert job_spec["backoffLimit"] == 0
+    return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+
+
+def jobset_action(jobset: dict[str, Any], reason: str, message: str) -> str:
+    """The first JobSet failure-policy rule matching the failed Job (pkg/controllers/failure_policy.go: Go's
+    regexp.MatchString finds a pattern anywhere); none matching: RestartJobSet."""
+    for rule in jobset["spec"]["failurePolicy"]["rules"]:
+        if rule.get("onJobFailureReasons") and reason not in rule["onJobFailureReasons"]:
+            continue
+        patterns = rule.get("onJobFailureMessagePatterns", [])
+        if patterns and not any(re.search(pattern, message) for pattern in patterns):
+            continue
+        return str(rule["action"])
+    return "RestartJobSet"
+
+
+@pytest.mark.parametrize(("exit_code", "disrupted", "action"), [
+    (EXIT_CONFIG, False, "FailJobSet"),
+    (EXIT_DATA, False, "FailJobSet"),
+    (EXIT_RETRYABLE, False, "RestartJobSet"),
+    (1, False, "RestartJobSet"),  # a bug: retried, counted
+    (23, False, "RestartJobSet"),  # not 2 or 3 however the pattern reads it
+    # evicted or preempted: tljob saves a backup on SIGTERM and exits 75, or is killed (137); neither counts
+    (EXIT_RETRYABLE, True, "RestartJobSetAndIgnoreMaxRestarts"),
+    (137, True, "RestartJobSetAndIgnoreMaxRestarts"),
+])
+def test_jobset_failure_policy_maps_each_exit_code(exit_code: int, disrupted: bool, action: str) -> None:
+    jobset = load_dir(CHECKED_IN)["jobset/jobset.yaml"]
+    job_spec = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    failure = job_failure(job_spec, exit_code, disrupted)
+    assert failure is not None, "a failed pod must fail its Job: JobSet restarts all workers together"
+    assert jobset_action(jobset, *failure) == action
+    assert jobset["spec"]["failurePolicy"]["maxRestarts"] > 0
+
+
+def test_jobset_restarts_blocking_with_coordinator_on_worker_0() -> None:
+    """Old and new pods never share a host name; the coordinator is tljob's chief (worker index 0)."""
+    objs = load_dir(CHECKED_IN)
+    spec = objs["jobset/jobset.yaml"]["spec"]
+    assert spec["failurePolicy"]["restartStrategy"] == "BlockingRecreate"
+    (replicated,) = spec["replicatedJobs"]
+    assert spec["coordinator"] == {"replicatedJob": replicated["name"], "jobIndex": 0, "podIndex": 0}
+    assert spec["network"]["enableDNSHostnames"] is True and spec["ttlSecondsAfterFinished"] > 0
+    pattern = env_of(pod_templates(objs)["jobset/jobset.yaml"])["TLJOB_HOST_PATTERN"]
+    name = objs["jobset/jobset.yaml"]["metadata"]["name"]
+    assert host_addresses(pattern, 2, 2222)[0].split(".")[0] == f"{name}-{replicated['name']}-0-0"
+
+
+WORKLOADS = ("job.yaml", "jobset/jobset.yaml", "tfjob/tfjob.yaml")
+
+
+@pytest.mark.parametrize("overrides", [{"queue": "team-a"}, {"priority_class": "high"}, PLATFORM])
+def test_kueue_labels_go_on_every_workload_kind(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    objs = render(tmp_path, **overrides)
+    expected = {key: overrides[arg] for arg, key in (("queue", manifests.QUEUE_LABEL),
+                                                     ("priority_class", manifests.PRIORITY_LABEL)) if arg in overrides}
+    for name in WORKLOADS:
+        labels = objs[name]["metadata"]["labels"]
+        assert {k: v for k, v in labels.items() if k.startswith("kueue.x-k8s.io/")} == expected, name
+    # Only the workloads: Kueue would try to manage a labelled Service or ConfigMap's owner otherwise.
+    others = [obj for name, obj in objs.items() if name not in WORKLOADS]
+    assert not any("kueue" in json.dumps(obj["metadata"]) for obj in others)
+    assert not any("kueue" in json.dumps(obj["metadata"]) for obj in load_dir(CHECKED_IN).values())
+
+
+def readme_yaml_objects(kind: str) -> list[dict[str, Any]]:
+    """The objects of every YAML block in the README that holds one of this kind."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [doc for block in blocks if f"kind: {kind}" in block for doc in yaml.safe_load_all(block) if doc]
+
+
+def test_readme_kueue_objects_validate_against_their_crds() -> None:
+    objs = readme_yaml_objects("ClusterQueue")
+    assert {obj["kind"] for obj in objs} >= {"ClusterQueue", "LocalQueue", "WorkloadPriorityClass"}
+    for obj in objs:
+        assert crd_errors(obj) == [], obj["kind"]
+    (local,) = [obj for obj in objs if obj["kind"] == "LocalQueue"]
+    (cluster,) = [obj for obj in objs if obj["kind"] == "ClusterQueue"]
+    assert local["spec"]["clusterQueue"] == cluster["metadata"]["name"]
+    covered = {r for group in cluster["spec"]["resourceGroups"] for r in group["coveredResources"]}
+    # Every resource a worker requests is under quota: Kueue admits no workload that asks for another.
+    requests = pod_templates(load_dir(CHECKED_IN))["job.yaml"]["spec"]["containers"][0]["resources"]["requests"]
+    assert set(requests) <= covered
+
+
+def test_service_account_has_no_google_account_by_default(tmp_path: Path) -> None:
+    """The direct-principal path needs no annotation; --gcp-service-account impersonates a Google one."""
+    assert manifests.GSA_ANNOTATION not in load_dir(CHECKED_IN)["serviceaccount.yaml"]["metadata"].get("annotations", {})
+    for overrides in ({}, {"namespace": "ml"}):
+        out = tmp_path / str(len(overrides))
+        account = render(out, gcp_service_account="t@p.iam.gserviceaccount.com", **overrides)["serviceaccount.yaml"]
+        assert account["metadata"]["annotations"][manifests.GSA_ANNOTATION] == "t@p.iam.gserviceaccount.com"
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_gcsfuse_bucket_mounts_read_only_in_every_pod(tmp_path: Path, name: str) -> None:
+    template = pod_templates(render(tmp_path, gcsfuse_bucket="my-data"))[name]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["gke-gcsfuse/volumes"] == "true"
+    for resource in ("cpu", "memory", "ephemeral-storage"):  # requests = limits: the pod stays Guaranteed
+        assert annotations[f"gke-gcsfuse/{resource}-request"] == annotations[f"gke-gcsfuse/{resource}-limit"]
+    spec = template["spec"]
+    (volume,) = [v for v in spec["volumes"] if "csi" in v]
+    assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io" and volume["csi"]["readOnly"] is True
+    assert volume["csi"]["volumeAttributes"]["bucketName"] == "my-data"
+    uid = f"uid={spec['securityContext']['runAsUser']}"
+    assert uid in volume["csi"]["volumeAttributes"]["mountOptions"].split(",")
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": "/gcs/my-data", "readOnly": True}
+
+
 @pytest.mark.parametrize("name", ["job.yaml", "jobset/jobset.yaml", "tfjob/tfjob.yaml"])
 def test_pods_are_hardened(name: str) -> None:
     pod = pod_templates(load_dir(CHECKED_IN))[name]["spec"]
@@ -404,7 +610,7 @@ def test_gpus_scale_the_worker_resources(tmp_path: Path) -> None:
 
 def test_service_account_is_for_workload_identity() -> None:
     account = load_dir(CHECKED_IN)["serviceaccount.yaml"]
-    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    assert account["metadata"]["name"] == pod_templates(load_dir(CHECKED_IN))["job.yaml"]["spec"]["serviceAccountName"]
     assert account["automountServiceAccountToken"] is False
 
 
@@ -468,6 +674,10 @@ def test_config_map_holds_awkward_config_text_exactly(tmp_path: Path, text: str)
     ({"output": "gs://"}, "--output"),
     ({"namespace": "Not_A_Namespace"}, "--namespace"),
     ({"config_path": "/no/such/job.yaml"}, "--config"),
+    ({"queue": "Team_A"}, "--queue"),
+    ({"priority_class": "x" * 64}, "--priority-class"),
+    ({"gcp_service_account": "tljob-trainer"}, "--gcp-service-account"),
+    ({"gcsfuse_bucket": "gs://my-data/images"}, "--gcsfuse-bucket"),
 ])
 def test_bad_inputs_name_the_flag(tmp_path: Path, overrides: dict[str, Any], flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
@@ -506,7 +716,7 @@ def test_cli_bad_flag_exits_with_the_config_code(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not CHECKOV.is_file(), reason=f"checkov not installed at {CHECKOV} (set TLJOB_CHECKOV; "
                     "python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov)")
-@pytest.mark.parametrize("overrides", [None, PINNED_CPU], ids=["checked-in", "pinned-cpu"])
+@pytest.mark.parametrize("overrides", [None, PINNED_CPU, EVERY_OPTION], ids=["checked-in", "pinned-cpu", "every-option"])
 def test_checkov_passes_with_only_justified_skips(tmp_path: Path, overrides: dict[str, Any] | None) -> None:
     """The checked-in set, and a rendering whose namespace and digest pass the checks the other skips."""
     scan = tmp_path / "scan"

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -28,19 +29,26 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tljob import storage  # no TensorFlow in either: config errors come back fast
+    from tljob import storage  # no TensorFlow in these: config errors come back fast
     from tljob.config import load_config, to_yaml
+    from tljob.layout import RunLayout, vertex_run  # Vertex AI's AIP_* folders when no --output is given
 
     # Through storage: users keep job configs in buckets (--config gs://bucket/job.yaml).
     cfg = load_config(args.config, args.set, read=storage.read_text)
+    layout = RunLayout()
+    vertex = None if args.output else vertex_run(os.environ)
     if args.output:
         cfg = dataclasses.replace(cfg, output=args.output)
+    elif vertex is not None:
+        if cfg.output:
+            log.info("output %s of the config replaced by Vertex AI's %s (AIP_MODEL_DIR)", cfg.output, vertex.output)
+        cfg, layout = dataclasses.replace(cfg, output=vertex.output), vertex.layout
     if not cfg.output:
         raise ConfigError("output: not set. Fix: pass --output DIR (or gs://bucket/prefix) or set `output:` in the YAML.")
     log.info("final config:\n%s", to_yaml(cfg))
     from tljob.train import run
 
-    return run(cfg)
+    return run(cfg, layout)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -78,6 +86,10 @@ def cmd_manifests(args: argparse.Namespace) -> int:
         output=args.output,
         namespace=args.namespace,
         config_path=args.config,
+        queue=args.queue,
+        priority_class=args.priority_class,
+        gcp_service_account=args.gcp_service_account,
+        gcsfuse_bucket=args.gcsfuse_bucket,
     )
     log.info("wrote %d manifest files to %s", len(written), args.out_dir)
     return EXIT_OK
@@ -127,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="gs:// run directory; default: the checked-in one")
     p.add_argument("--namespace", default=None)
     p.add_argument("--config", default=None, help="job YAML for the ConfigMap; default job/cats_vs_dogs.yaml")
+    p.add_argument("--queue", default=None, help="Kueue LocalQueue that admits the Job, JobSet or TFJob")
+    p.add_argument("--priority-class", default=None, help="Kueue WorkloadPriorityClass of the workload")
+    p.add_argument("--gcp-service-account", default=None, metavar="EMAIL",
+                   help="Google service account to impersonate; default: roles granted to the Kubernetes SA itself")
+    p.add_argument("--gcsfuse-bucket", default=None, metavar="BUCKET",
+                   help="mount gs://BUCKET read-only at /gcs/BUCKET (GKE Cloud Storage FUSE CSI driver)")
     p.add_argument("-o", "--out-dir", required=True, help="directory to write the YAML files to")
     p.set_defaults(func=cmd_manifests)
 

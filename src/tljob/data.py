@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from tljob import storage
 from tljob.config import AugmentConfig, DataConfig
-from tljob.errors import ConfigError, DataError
+from tljob.errors import ConfigError, DataError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ TFRECORD_META = "meta.json"
 _SCAN_CHUNK = 256
 _SCAN_LOG_S = 10.0  # how often the decode pass logs its progress
 _BAD_FILES_LOGGED = 20
+# How long the other workers wait for the chief to prepare a TFDS dataset in a shared data_dir: far above
+# cats_vs_dogs' download and preparation (786 MB, minutes), so that only a chief that died makes them give up
+# (exit 75, and every worker restarts); and how often they look and say so.
+TFDS_WAIT_S = 3600.0
+TFDS_POLL_S = 2.0
+TFDS_LOG_EVERY_S = 30.0
 
 
 @dataclass
@@ -427,13 +433,63 @@ def convert_folder(input_dir: str, output_dir: str, *, shards: int = 8, image_si
 # ----------------------------------------------------------------------------- TFDS source
 
 
+def tfds_prepared_marker(data_dir: str, name: str, version: str) -> str:
+    """The file the chief writes once `name` is fully prepared in `data_dir`: on gs:// TFDS's final rename is a
+    copy object by object, so the dataset's own folder exists before it is complete."""
+    return storage.join(data_dir, f"{name}-{version}.tljob-prepared")
+
+
+def prepare_tfds(cfg: DataConfig, *, chief: bool, wait_s: float = TFDS_WAIT_S, poll_s: float = TFDS_POLL_S) -> None:
+    """Makes the TFDS dataset readable on this worker; runs on every worker before the splits are read.
+
+    No data_dir: TFDS's own ~/tensorflow_datasets, one per machine, so every worker prepares its copy. A
+    data_dir is shared by the workers (gs:// or one volume): the chief downloads and prepares the dataset there
+    and writes the marker, the others wait for the marker (bounded, logged); a restarted worker finds it and
+    prepares nothing.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+    if cfg.data_dir is None:
+        # Downloads and prepares on first use (the container's users have the internet; CI does not).
+        builder.download_and_prepare()
+        return
+    marker = tfds_prepared_marker(cfg.data_dir, cfg.name, str(builder.version))
+    if storage.exists(marker):
+        log.info("TFDS %s %s: prepared in %s, reused", cfg.name, builder.version, cfg.data_dir)
+        return
+    if chief:
+        started = time.monotonic()
+        log.info("TFDS %s %s: preparing in %s for every worker", cfg.name, builder.version, cfg.data_dir)
+        # The archives are scratch (only the prepared records are shared): on local disk, not in the bucket.
+        with tempfile.TemporaryDirectory(prefix="tljob-tfds-downloads-") as downloads:
+            builder.download_and_prepare(download_dir=downloads)
+        storage.write_text(marker, f"{cfg.name} {builder.version}\n")
+        log.info("TFDS %s %s: prepared in %.1f s", cfg.name, builder.version, time.monotonic() - started)
+        return
+    started = time.monotonic()
+    logged = started
+    log.info("TFDS %s %s: waiting for the chief to prepare it in %s (at most %.0f s)", cfg.name, builder.version,
+             cfg.data_dir, wait_s)
+    while not storage.exists(marker):
+        now = time.monotonic()
+        if now - started > wait_s:
+            raise RetryableError(f"TFDS {cfg.name} {builder.version} was not prepared in {cfg.data_dir} within "
+                                 f"{wait_s:.0f} s ({marker} is missing): the chief is stuck or gone; restart all "
+                                 f"workers to try again")
+        if now - logged >= TFDS_LOG_EVERY_S:
+            log.info("TFDS %s: still waiting for the chief (%.0f s)", cfg.name, now - started)
+            logged = now
+        time.sleep(poll_s)
+    log.info("TFDS %s %s: prepared by the chief, after %.1f s of waiting", cfg.name, builder.version,
+             time.monotonic() - started)
+
+
 def _load_tfds(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     del cache_dir  # TFDS manages its own data_dir
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
-    # Downloads and prepares on first use (the container's users have the internet; CI does not).
-    builder.download_and_prepare()
     label_feature = builder.info.features["label"]
     class_names = list(label_feature.names)
     splits_cfg = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
@@ -540,8 +596,11 @@ def _finish(cfg: DataConfig, class_names: list[str], splits: dict[str, Split], b
     return Dataset(class_names, splits["train"], splits.get("validation"), splits.get("test"), bad, total)
 
 
-def load_dataset(cfg: DataConfig, *, seed: int, cache_dir: str) -> Dataset:
-    """Reads the configured source; runs on every worker (same seed -> same data and order everywhere)."""
+def load_dataset(cfg: DataConfig, *, seed: int, cache_dir: str, chief: bool = True) -> Dataset:
+    """Reads the configured source; runs on every worker (same seed -> same data and order everywhere).
+    `chief`: whether this worker prepares a TFDS dataset in a shared data_dir (a lone process is its own chief)."""
+    if cfg.source == "tfds":
+        prepare_tfds(cfg, chief=chief)
     return _LOADERS[cfg.source](cfg, seed, cache_dir)
 
 

@@ -25,7 +25,6 @@ METADATA = "metadata.json"
 CURVES = "curves.png"
 PARAMS = "params.yaml"
 STATUS = "status.json"
-MODEL_DIR = "model"
 KERAS_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
 

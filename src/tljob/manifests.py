@@ -56,6 +56,20 @@ _REPO_RE = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
 )
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+# Google service accounts: user-made (NAME@PROJECT.iam...) and Google's defaults (...@developer..., @appspot...).
+_GSA_RE = re.compile(r"[a-z0-9][a-z0-9._-]*@[a-z0-9][a-z0-9.-]*\.gserviceaccount\.com")
+# Kueue reads these labels on the workload (Job, JobSet, TFJob): the LocalQueue that admits it and the
+# WorkloadPriorityClass that orders it in the ClusterQueue (and may let it preempt lower ones).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
+# Where --gcsfuse-bucket mounts a bucket: /gcs/BUCKET, the path Vertex AI mounts buckets at, so one data.train
+# works on both.
+GCSFUSE_ROOT = "/gcs"
+GCSFUSE_VOLUME = "gcs-data"
+# The Cloud Storage FUSE sidecar's share, requests = limits so that the pod keeps Guaranteed QoS; it fits beside
+# the worker's own share on the GPU node the templates are sized for.
+GCSFUSE_SIDECAR = {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "5Gi"}
 
 
 # --- inputs -------------------------------------------------------------------------------------------
@@ -71,6 +85,10 @@ class RunSpec:
     output: str
     namespace: str | None
     config_text: str  # the job YAML as the ConfigMap holds it, `output:` set
+    queue: str | None = None  # Kueue LocalQueue
+    priority_class: str | None = None  # Kueue WorkloadPriorityClass
+    gcp_service_account: str | None = None  # None: the Kubernetes ServiceAccount is the principal itself
+    gcsfuse_bucket: str | None = None  # mounted read-only at GCSFUSE_ROOT/BUCKET
 
 
 def check_workers(workers: int) -> None:
@@ -116,6 +134,28 @@ def check_namespace(namespace: str) -> None:
     if len(namespace) > 63 or not _LABEL_RE.fullmatch(namespace):
         raise ConfigError(f"--namespace {namespace!r}: not a Kubernetes namespace name. Fix: use at most 63 "
                           f"lowercase letters, digits and '-', starting and ending with a letter or digit.")
+
+
+def check_kueue_name(flag: str, name: str) -> None:
+    """A label value (at most 63 characters) that is also a Kubernetes object name, as Kueue's objects are."""
+    if len(name) > 63 or not _LABEL_RE.fullmatch(name):
+        kind = {"--queue": "localqueues", "--priority-class": "workloadpriorityclasses"}[flag]
+        raise ConfigError(f"{flag} {name!r}: not the name of a Kueue object. Fix: use at most 63 lowercase letters, "
+                          f"digits and '-', starting and ending with a letter or digit (kubectl get {kind} lists "
+                          f"them).")
+
+
+def check_gcp_service_account(email: str) -> None:
+    if not _GSA_RE.fullmatch(email):
+        raise ConfigError(f"--gcp-service-account {email!r}: not a Google service account's email. Fix: give e.g. "
+                          f"tljob-trainer@PROJECT.iam.gserviceaccount.com, or leave the flag out to grant the roles "
+                          f"to the Kubernetes ServiceAccount directly (README: Run on GKE).")
+
+
+def check_gcsfuse_bucket(bucket: str) -> None:
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise ConfigError(f"--gcsfuse-bucket {bucket!r}: not a bucket name. Fix: give the bare name (my-data, not "
+                          f"gs://my-data/prefix); data.train then reads {GCSFUSE_ROOT}/my-data/prefix.")
 
 
 def set_output(config_text: str, output: str) -> str:
@@ -167,6 +207,10 @@ def build_spec(
     output: str | None,
     namespace: str | None,
     config_path: str | None,
+    queue: str | None = None,
+    priority_class: str | None = None,
+    gcp_service_account: str | None = None,
+    gcsfuse_bucket: str | None = None,
 ) -> RunSpec:
     """Validates the command-line values (ConfigError names the flag) and fills in the defaults."""
     output = DEFAULT_OUTPUT if output is None else output
@@ -177,9 +221,19 @@ def build_spec(
     check_output(output)
     if namespace is not None:
         check_namespace(namespace)
+    if queue is not None:
+        check_kueue_name("--queue", queue)
+    if priority_class is not None:
+        check_kueue_name("--priority-class", priority_class)
+    if gcp_service_account is not None:
+        check_gcp_service_account(gcp_service_account)
+    if gcsfuse_bucket is not None:
+        check_gcsfuse_bucket(gcsfuse_bucket)
     path = default_config_path() if config_path is None else Path(config_path)
     return RunSpec(workers=workers, gpus_per_worker=gpus_per_worker, image=image, output=output,
-                   namespace=namespace, config_text=config_map_text(path, output))
+                   namespace=namespace, config_text=config_map_text(path, output), queue=queue,
+                   priority_class=priority_class, gcp_service_account=gcp_service_account,
+                   gcsfuse_bucket=gcsfuse_bucket)
 
 
 # --- comments that move with the fields -------------------------------------------------------------
@@ -226,11 +280,29 @@ def drop(mapping: CommentedMap, key: str) -> None:
     del mapping[key]
 
 
-def insert_after(mapping: CommentedMap, after: str, key: str, value: Any) -> None:
-    """Adds a field below `after`; the reason of the field that followed `after` moves below the new one."""
+def insert_after(mapping: CommentedMap, after: str, key: str, value: Any, reason: str | None = None) -> None:
+    """Adds a field below `after`, with its reason above it; the reason of the field that followed `after`
+    moves below the new one."""
     following = _take_comment(mapping, after)
     mapping.insert(list(mapping).index(after) + 1, key, value)
     _put_comment(mapping, key, following)
+    if reason:
+        mapping.yaml_set_comment_before_after_key(key, before=reason, indent=_indent_of(mapping))
+
+
+def append(items: CommentedSeq, item: Any, reason: str) -> None:
+    """Adds a list item at the end, with its reason above it; what followed the list stays below it."""
+    following = _take_comment(items, len(items) - 1)
+    items.append(item)
+    _put_comment(items, len(items) - 1, following)
+    items.yaml_set_comment_before_after_key(len(items) - 1, before=reason, indent=_indent_of(items))
+
+
+def _indent_of(node: Node) -> int:
+    """The column of node's first field or item, which comes from its template: a new sibling's reason starts there."""
+    if isinstance(node, CommentedMap):
+        return int(node.lc.key(next(iter(node)))[1])
+    return int(node.lc.item(0)[1]) - 2  # the column after the first item's "- "
 
 
 # --- the documents --------------------------------------------------------------------------------------
@@ -270,11 +342,14 @@ def indexed_jobs(docs: Documents) -> list[CommentedMap]:
         for replicated in jobset["spec"]["replicatedJobs"]]
 
 
+def pod_templates(docs: Documents) -> list[CommentedMap]:
+    """Every worker pod template (metadata and spec): the Indexed Jobs' and the TFJob's."""
+    return [job["template"] for job in indexed_jobs(docs)] + [
+        replica["template"] for tfjob in _of_kind(docs, "TFJob") for replica in tfjob["spec"]["tfReplicaSpecs"].values()]
+
+
 def pod_specs(docs: Documents) -> list[CommentedMap]:
-    """Every worker pod's spec: the Indexed Jobs' and the TFJob's."""
-    return [job["template"]["spec"] for job in indexed_jobs(docs)] + [
-        replica["template"]["spec"] for tfjob in _of_kind(docs, "TFJob")
-        for replica in tfjob["spec"]["tfReplicaSpecs"].values()]
+    return [template["spec"] for template in pod_templates(docs)]
 
 
 def containers(docs: Documents) -> list[CommentedMap]:
@@ -285,11 +360,13 @@ def drop_checkov_skip(doc: CommentedMap, check: str) -> None:
     """Removes the skip of a check that the rendering now passes, and the annotations once none is left."""
     metadata = doc["metadata"]
     annotations = metadata.get("annotations", {})
-    for key in [key for key, value in annotations.items()
-                if key.startswith("checkov.io/skip") and value.startswith(f"{check}=")]:
+    skips = [key for key, value in annotations.items()
+             if key.startswith("checkov.io/skip") and value.startswith(f"{check}=")]
+    if skips and len(skips) == len(annotations):
+        drop(metadata, "annotations")  # as a whole: the comment below the last one stays with the next field
+        return
+    for key in skips:
         drop(annotations, key)
-    if "annotations" in metadata and not annotations:
-        drop(metadata, "annotations")
 
 
 # --- the options, each an edit of the loaded documents ---------------------------------------------------
@@ -347,6 +424,58 @@ def set_namespace(docs: Documents, namespace: str) -> None:
         drop_checkov_skip(doc, NAMESPACE_CHECK)
 
 
+def workloads(docs: Documents) -> list[CommentedMap]:
+    """The objects that Kueue admits as one workload each: the Job, the JobSet, the TFJob."""
+    return [doc for doc in docs.values() if doc["kind"] in ("Job", "JobSet", "TFJob")]
+
+
+def set_kueue(docs: Documents, queue: str | None, priority_class: str | None) -> None:
+    for workload in workloads(docs):
+        labels = workload["metadata"]["labels"]
+        if queue is not None:
+            insert_after(labels, next(reversed(labels)), QUEUE_LABEL, queue,
+                         "Kueue: the LocalQueue that admits the workload, all pods at once (tljob manifests --queue)")
+        if priority_class is not None:
+            insert_after(labels, next(reversed(labels)), PRIORITY_LABEL, priority_class,
+                         "Kueue: the WorkloadPriorityClass that orders it in the ClusterQueue (--priority-class)")
+
+
+def set_gcp_service_account(docs: Documents, email: str) -> None:
+    """The impersonation path: the ServiceAccount acts as a Google service account that holds the roles."""
+    for account in _of_kind(docs, "ServiceAccount"):
+        annotations = account["metadata"]["annotations"]
+        indent = _indent_of(annotations)
+        annotations.insert(0, GSA_ANNOTATION, email)
+        annotations.yaml_set_comment_before_after_key(
+            GSA_ANNOTATION, before="Workload Identity: the pods act as this Google service account, which holds the "
+                                   "bucket's roles (tljob manifests --gcp-service-account)", indent=indent)
+
+
+def set_gcsfuse(docs: Documents, bucket: str) -> None:
+    """The bucket, read-only at GCSFUSE_ROOT/BUCKET in every worker, through GKE's Cloud Storage FUSE CSI driver."""
+    sidecar = {f"gke-gcsfuse/{name}-{kind}": amount for name, amount in GCSFUSE_SIDECAR.items()
+               for kind in ("request", "limit")}
+    for pod in pod_templates(docs):
+        insert_after(pod["metadata"], "labels", "annotations", CommentedMap({"gke-gcsfuse/volumes": "true", **sidecar}),
+                     "GKE injects the Cloud Storage FUSE sidecar for the gcs-data volume; its share, requests = limits")
+        spec = pod["spec"]
+        user = spec["securityContext"]
+        attributes = CommentedMap({"bucketName": bucket,
+                                   "mountOptions": f"implicit-dirs,uid={user['runAsUser']},gid={user['runAsGroup']}"})
+        append(spec["volumes"], CommentedMap({"name": GCSFUSE_VOLUME, "csi": CommentedMap({
+            "driver": "gcsfuse.csi.storage.gke.io", "readOnly": True, "volumeAttributes": attributes})}),
+            f"gs://{bucket}, read-only, through the Cloud Storage FUSE CSI driver (tljob manifests --gcsfuse-bucket)")
+        # Below "- name:": the list item's column, then csi's fields, then volumeAttributes' fields.
+        attributes.yaml_set_comment_before_after_key(
+            "mountOptions", before="files owned by the pod's user (the mount is root's otherwise); implicit-dirs: "
+                                   "folders that exist only as object name prefixes", indent=_indent_of(spec["volumes"]) + 6)
+        for container in spec["containers"]:
+            append(container["volumeMounts"], CommentedMap(
+                {"name": GCSFUSE_VOLUME, "mountPath": f"{GCSFUSE_ROOT}/{bucket}", "readOnly": True}),
+                f"data.train and the other splits may be local paths under {GCSFUSE_ROOT}/{bucket}: read in place, "
+                f"never staged")
+
+
 def set_config(docs: Documents, config_text: str) -> None:
     for config_map in _of_kind(docs, "ConfigMap"):
         # A literal block keeps the job YAML readable, its comments included.
@@ -358,11 +487,18 @@ def render(spec: RunSpec) -> dict[str, str]:
     docs = load_templates()
     set_workers(docs, spec.workers)
     set_gpus(docs, spec.gpus_per_worker)
+    # Before the options that drop checkov skips: the ServiceAccount's annotations must still be there.
+    if spec.gcp_service_account is not None:
+        set_gcp_service_account(docs, spec.gcp_service_account)
     if spec.image is not None:
         set_image(docs, spec.image)
     if spec.namespace is not None:
         set_namespace(docs, spec.namespace)
     set_config(docs, spec.config_text)
+    if spec.queue is not None or spec.priority_class is not None:
+        set_kueue(docs, spec.queue, spec.priority_class)
+    if spec.gcsfuse_bucket is not None:
+        set_gcsfuse(docs, spec.gcsfuse_bucket)
     return {path: dump(doc) for path, doc in docs.items()}
 
 
@@ -375,10 +511,15 @@ def render_to_dir(
     output: str | None,
     namespace: str | None,
     config_path: str | None,
+    queue: str | None = None,
+    priority_class: str | None = None,
+    gcp_service_account: str | None = None,
+    gcsfuse_bucket: str | None = None,
 ) -> list[str]:
     """Writes the manifests of one run under `out_dir`; returns the paths written. None -> the checked-in default."""
     spec = build_spec(workers=workers, gpus_per_worker=gpus_per_worker, image=image, output=output,
-                      namespace=namespace, config_path=config_path)
+                      namespace=namespace, config_path=config_path, queue=queue, priority_class=priority_class,
+                      gcp_service_account=gcp_service_account, gcsfuse_bucket=gcsfuse_bucket)
     written = []
     for name, text in render(spec).items():
         path = Path(out_dir) / name

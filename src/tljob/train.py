@@ -4,7 +4,8 @@ Runs on every worker. All workers execute the same program (the collectives need
 writes the run's files. Non-chief workers write what the collectives force them to write (backups,
 exports) into temporary directories that are removed again.
 
-Run directory (staged locally; `output` may be gs://, mirrored from the staging directory):
+Run directory (staged locally; `output` may be gs://, mirrored from the staging directory), with the
+folders of tljob.layout (Vertex AI's under a custom job) for the model, backups and logs:
   backup/<phase>/                  BackupAndRestore state while a phase runs (removed when it completes)
   checkpoints/<phase>.weights.h5   weights at the end of each finished phase
   state.json                       which phases are finished
@@ -32,14 +33,13 @@ import tensorflow as tf
 from tljob import cluster, config, data, export, fastval, faults, model as model_lib, storage
 from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
 from tljob.errors import EXIT_OK, ConfigError, RetryableError
+from tljob.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 PHASES = ("feature_extraction", "fine_tuning")
 STATE = "state.json"
-BACKUP = "backup"
 CHECKPOINTS = "checkpoints"
-LOGS = "logs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ class RunContext:
     global_batch: int
     staging: Path  # local directory mirrored to cfg.output
     is_chief: bool
+    layout: RunLayout  # where the model, backups and logs go in the run directory
 
 
 # ----------------------------------------------------------------------------- pure policy
@@ -92,6 +93,15 @@ def check_global_batch(num_examples: int, batch_size: int, replicas: int) -> Non
         f"larger than the {num_examples} training images. Fix: {fix}.")
 
 
+def tfds_data_dir(output: str, data_dir: str | None) -> str | None:
+    """data.data_dir, or for a gs:// run gs://BUCKET/tfds: one copy of each TFDS dataset that the chief prepares
+    and every worker and restart of every run in the bucket reads (outside the run directory, which a restarted
+    pod pulls whole). A local run keeps TFDS's own ~/tensorflow_datasets (None)."""
+    if data_dir is not None or not storage.is_remote(output):
+        return data_dir
+    return "gs://" + output.removeprefix("gs://").split("/", 1)[0] + "/tfds"
+
+
 def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
     """Drops records of epochs that are about to run again (1-based `epoch` > 0-based `first_epoch`)."""
     return [h for h in history if h["epoch"] <= first_epoch]
@@ -118,7 +128,7 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- entry
 
 
-def run(cfg: JobConfig) -> int:
+def run(cfg: JobConfig, layout: RunLayout) -> int:
     """Trains, resumes, or recognises as finished the run described by `cfg`; returns the exit code."""
     if cfg.output is None:
         raise ValueError("run() needs cfg.output; cli.py sets it")  # programming error, not user input
@@ -141,6 +151,7 @@ def run(cfg: JobConfig) -> int:
         global_batch=cluster.global_batch_size(cfg.data.batch_size, replicas),
         staging=staging_dir(cfg.output, cfg.runtime.staging_dir, spec.task_index),
         is_chief=cluster.is_chief(strategy),
+        layout=layout,
     )
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
              spec.task_type, spec.task_index, spec.num_workers, replicas, ctx.is_chief, ctx.global_batch,
@@ -329,15 +340,16 @@ class Progress(tf.keras.callbacks.Callback):
 class FileSync(tf.keras.callbacks.Callback):
     """Chief only: uploads TensorBoard logs at most every `every_s` seconds (gs:// outputs)."""
 
-    def __init__(self, mirror: storage.Mirror, every_s: float):
+    def __init__(self, mirror: storage.Mirror, logs: str, every_s: float):
         super().__init__()
         self.mirror = mirror
+        self.logs = logs
         self.every_s = every_s
         self._last = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if time.monotonic() - self._last >= self.every_s:
-            self.mirror.push(LOGS)
+            self.mirror.push(self.logs)
             self._last = time.monotonic()
 
 
@@ -378,7 +390,7 @@ class Trainer:
 
     def _push_backup(self) -> None:
         if self.ctx.is_chief:
-            self._upload("backup", lambda: self.mirror.push(BACKUP))
+            self._upload("backup", lambda: self.mirror.push(self.ctx.layout.backup))
 
     def _upload(self, what: str, push: Callable[[], object]) -> None:
         """Chief only: a transfer to the output. A local stage for the watchdog: storage retries end in
@@ -441,8 +453,13 @@ class Trainer:
         with self.watchdog.working("restoring the run from its output", collectives=False):
             done = self._restore_state()
         cache_dir = self.cfg.data.cache_dir or str(self.ctx.staging.parent / "tljob-data-cache")
+        data_cfg = self.cfg.data
+        if data_cfg.source == "tfds":
+            data_cfg = dataclasses.replace(data_cfg, data_dir=tfds_data_dir(self.cfg.output or "", data_cfg.data_dir))
+        # No watchdog limit: the decode pass is local, and waiting for the chief's TFDS preparation is bounded
+        # by data.TFDS_WAIT_S.
         with self.watchdog.working("loading data (decode pass)", collectives=False):
-            ds = data.load_dataset(self.cfg.data, seed=self.cfg.seed, cache_dir=cache_dir)
+            ds = data.load_dataset(data_cfg, seed=self.cfg.seed, cache_dir=cache_dir, chief=self.ctx.is_chief)
         workers = self.ctx.spec.num_workers
         check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
@@ -513,8 +530,8 @@ class Trainer:
         trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
         log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
-        backup = RunBackup(str(self._path(BACKUP, phase)), self.cfg.runtime.backup_every_steps, self._push_backup,
-                           self.watchdog)
+        backup = RunBackup(str(self._path(self.ctx.layout.backup, phase)), self.cfg.runtime.backup_every_steps,
+                           self._push_backup, self.watchdog)
         # After compile: the cached-validation split follows the layers' trainable flags of this phase.
         cached_validation, val_ds = self._validation(model, ds, val_ds)
         callbacks: list[tf.keras.callbacks.Callback] = [
@@ -529,9 +546,9 @@ class Trainer:
                 self.cfg.train.steps_per_execution, self.ctx.spec.num_workers)), backup.backup_now),
         ]
         if self.ctx.is_chief:
-            callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(LOGS, phase)), update_freq="epoch"))
+            callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(self.ctx.layout.logs, phase)), update_freq="epoch"))
             if storage.is_remote(self.cfg.output or ""):
-                callbacks.append(FileSync(self.mirror, self.cfg.runtime.log_sync_s))
+                callbacks.append(FileSync(self.mirror, self.ctx.layout.logs, self.cfg.runtime.log_sync_s))
         model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
                   steps_per_epoch=steps,
                   validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
@@ -588,11 +605,11 @@ class Trainer:
             return EXIT_OK
         # Chief only, after the last collective: export and publish wait on no peer.
         with self.watchdog.working("export", collectives=False):
-            export.export_model(self._serving_copy(ds.num_classes, weights), self._path(export.MODEL_DIR))
+            export.export_model(self._serving_copy(ds.num_classes, weights), self._path(self.ctx.layout.model))
             self._write_final_files(ds, test_metrics)
         with self.watchdog.working("publish", collectives=False):
             # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
-            storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
+            storage.remove_tree(storage.join(self.cfg.output or "", self.ctx.layout.backup))
             listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
@@ -615,7 +632,7 @@ class Trainer:
     def _write_final_files(self, ds: data.Dataset, test_metrics: dict) -> None:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
-        shutil.rmtree(self._path(BACKUP), ignore_errors=True)
+        shutil.rmtree(self._path(self.ctx.layout.backup), ignore_errors=True)
         by_phase = {}
         for phase in PHASES:
             recs = [h for h in self.history if h["phase"] == phase]
