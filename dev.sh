@@ -12,8 +12,15 @@ PYTHON="${PYTHON:-python3}"
 setup() {
   if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
   .venv/bin/python -m pip install -q --upgrade pip
-  # constraints.txt: the versions CI tested, the same ones the image gets.
-  .venv/bin/python -m pip install -q --constraint constraints.txt -e ".[test]"
+  # The built wheel, as users and the image get it (not an editable install), so a file the package reads
+  # from the source tree instead of its own data fails the suite; constraints.txt: the versions CI tested,
+  # the same ones the image gets. The second install replaces an earlier build of the same version.
+  rm -rf build/dist
+  .venv/bin/python -m pip wheel -q --no-deps --wheel-dir build/dist .
+  local wheel
+  wheel="$(ls build/dist/tljob-*.whl)"
+  .venv/bin/python -m pip install -q --constraint constraints.txt "$wheel[test]"
+  .venv/bin/python -m pip install -q --no-deps --force-reinstall "$wheel"
 }
 
 # podman builds and runs the image; container/containers.conf fixes its defaults for hosts like CI's.

@@ -439,3 +439,24 @@ def test_mirror_onto_itself_is_a_no_op(tmp_path: Path) -> None:
     make_tree(tmp_path / "out")
     mirror = storage.Mirror(str(tmp_path / "out"), f"file://{tmp_path}/out/")
     assert mirror.push() == 0 and mirror.pull() == 0
+
+
+def test_an_index_goes_up_only_after_the_files_it_names(
+    tmp_path: Path, gcs_bucket: str, fault_proxy: FaultProxy, short_deadline: float
+) -> None:
+    """A backup's `checkpoint` index (last=) is sent after its data files, so a transfer cut off mid-way (a
+    SIGKILL, an outage) never leaves an index in the bucket that points at files that are not there."""
+    files = {f"chief/ckpt-1.data-{i:05d}-of-00012": os.urandom(2000) for i in range(12)}
+    files |= {"chief/ckpt-1.index": b"index", "chief/checkpoint": b'model_checkpoint_path: "ckpt-1"\n'}
+    src = make_tree(tmp_path / "src", files)
+    uri = gcs_bucket + "/backup"
+    fault_proxy.fail_after_match(r"ckpt-1\.data-00003")
+    with pytest.raises(RetryableError):
+        storage.upload_tree(str(src), uri, last=frozenset({"checkpoint"}))
+    fault_proxy.heal()
+    assert "chief/checkpoint" not in storage.list_files(uri), "the index went up before the files it names"
+    # Everything after the index fails: with the index last, that is nothing.
+    fault_proxy.fail_after_match(r"chief/checkpoint")
+    assert storage.upload_tree(str(src), uri + "2", last=frozenset({"checkpoint"})) == len(files)
+    fault_proxy.heal()
+    assert set(storage.list_files(uri + "2")) == set(files)

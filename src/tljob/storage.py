@@ -524,7 +524,8 @@ def _chunked_upload_supported() -> bool:
     return not os.environ.get(_EMULATOR_ENV)
 
 
-def _upload(local_dir: str, uri: str, skip: frozenset[str] = frozenset()) -> int:
+def _upload(local_dir: str, uri: str, skip: frozenset[str] = frozenset(),
+            last: frozenset[str] = frozenset()) -> int:
     src = local_path(local_dir)
     if not is_remote(uri):
         return _copy_tree(src, local_path(uri))
@@ -542,27 +543,31 @@ def _upload(local_dir: str, uri: str, skip: frozenset[str] = frozenset()) -> int
     bucket_name, key = _split_gs(uri)
     bucket = _client().bucket(bucket_name)
     chunking = _chunked_upload_supported()
-    chunked = [rel for rel in todo if chunking and local[rel] > LARGE_FILE_BYTES]
-    whole = [rel for rel in todo if rel not in chunked]
-    results = transfer_manager.upload_many(
-        [(_inside(src, rel), bucket.blob(_dir_prefix(key) + rel)) for rel in whole],
-        upload_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": "crc32c"},
-        worker_type=transfer_manager.THREAD,
-        max_workers=MAX_WORKERS,
-        raise_exception=False,
-    )
-    _raise_first_failure([join(uri, rel) for rel in whole], results, "upload", writing=True)
-    for rel in chunked:
-        with _gcs_errors(join(uri, rel), "upload", writing=True):
-            transfer_manager.upload_chunks_concurrently(
-                _inside(src, rel),
-                bucket.blob(_dir_prefix(key) + rel),
-                chunk_size=CHUNK_BYTES,
-                worker_type=transfer_manager.THREAD,
-                max_workers=MAX_WORKERS,
-                retry=_retry(),
-                timeout=_timeout(),
-            )
+    # Files named in `last` (an index that points at the others) go only once the rest is up, so a process
+    # killed mid-upload leaves the previous index, whose files a sync never deletes, not one pointing nowhere.
+    for group in ([r for r in todo if posixpath.basename(r) not in last],
+                  [r for r in todo if posixpath.basename(r) in last]):
+        chunked = [rel for rel in group if chunking and local[rel] > LARGE_FILE_BYTES]
+        whole = [rel for rel in group if rel not in chunked]
+        results = transfer_manager.upload_many(
+            [(_inside(src, rel), bucket.blob(_dir_prefix(key) + rel)) for rel in whole],
+            upload_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": "crc32c"},
+            worker_type=transfer_manager.THREAD,
+            max_workers=MAX_WORKERS,
+            raise_exception=False,
+        )
+        _raise_first_failure([join(uri, rel) for rel in whole], results, "upload", writing=True)
+        for rel in chunked:
+            with _gcs_errors(join(uri, rel), "upload", writing=True):
+                transfer_manager.upload_chunks_concurrently(
+                    _inside(src, rel),
+                    bucket.blob(_dir_prefix(key) + rel),
+                    chunk_size=CHUNK_BYTES,
+                    worker_type=transfer_manager.THREAD,
+                    max_workers=MAX_WORKERS,
+                    retry=_retry(),
+                    timeout=_timeout(),
+                )
     _LOG.info(
         "upload %s -> %s: %d of %d files (%d bytes), %d unchanged",
         src,
@@ -575,12 +580,13 @@ def _upload(local_dir: str, uri: str, skip: frozenset[str] = frozenset()) -> int
     return len(todo)
 
 
-def upload_tree(local_dir: str, uri: str) -> int:
-    """Copy local_dir's files to `uri`, skipping those whose size and CRC32C already match there.
+def upload_tree(local_dir: str, uri: str, last: frozenset[str] = frozenset()) -> int:
+    """Copy local_dir's files to `uri`, skipping those whose size and CRC32C already match there; files
+    whose base name is in `last` are sent after all the others.
 
     Returns how many files were sent. A missing local_dir sends nothing.
     """
-    return _upload(local_dir, uri)
+    return _upload(local_dir, uri, last=last)
 
 
 def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> int:
@@ -780,11 +786,11 @@ class Mirror:
         self.remote = remote
         self._same = _same_local_dir(self.local_dir, remote)
 
-    def push(self, subdir: str = "") -> int:
-        """Upload local_dir/subdir to remote/subdir; returns files sent."""
+    def push(self, subdir: str = "", last: frozenset[str] = frozenset()) -> int:
+        """Upload local_dir/subdir to remote/subdir (base names in `last` after the rest); returns files sent."""
         if self._same:
             return 0
-        return upload_tree(join(self.local_dir, subdir), join(self.remote, subdir))
+        return upload_tree(join(self.local_dir, subdir), join(self.remote, subdir), last=last)
 
     def push_file(self, name: str) -> None:
         """Upload one small file (history, status) as a single object write."""

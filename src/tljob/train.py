@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 PHASES = ("feature_extraction", "fine_tuning")
 STATE = "state.json"
+# The file of a checkpoint folder that names its latest checkpoint (tf.train.CheckpointManager's).
+CHECKPOINT_INDEX = frozenset({"checkpoint"})
 CHECKPOINTS = "checkpoints"
 
 
@@ -390,7 +392,8 @@ class Trainer:
 
     def _push_backup(self) -> None:
         if self.ctx.is_chief:
-            self._upload("backup", lambda: self.mirror.push(self.ctx.layout.backup))
+            # tf.train.CheckpointManager's index last: a kill mid-upload leaves the bucket's previous backup whole.
+            self._upload("backup", lambda: self.mirror.push(self.ctx.layout.backup, last=CHECKPOINT_INDEX))
 
     def _upload(self, what: str, push: Callable[[], object]) -> None:
         """Chief only: a transfer to the output. A local stage for the watchdog: storage retries end in
