@@ -9,7 +9,7 @@ Run directory (staged locally; `output` may be gs://, mirrored from the staging 
   checkpoints/<phase>.weights.h5   weights at the end of each finished phase
   state.json                       which phases are finished
   history.json, status.json, logs/ (TensorBoard) during the run; at the end model/, metrics.json,
-  curves.png, metadata.json, params.yaml, and _SUCCESS last.
+  curves.png, evaluation.json and confusion.png (with a test split), metadata.json, params.yaml, and _SUCCESS last.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tljob import cluster, data, export, fastval, faults, model as model_lib, storage
-from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
+from tljob import cluster, data, export, fastval, faults, model as model_lib, report, storage
+from tljob.config import JobConfig, PhaseConfig, digest, to_dict, to_yaml
 from tljob.errors import EXIT_OK, DataError, RetryableError
 
 log = logging.getLogger(__name__)
@@ -436,8 +436,9 @@ class Trainer:
         if not self.ctx.is_chief:
             log.info("worker %d done; the chief publishes the run", self.ctx.spec.task_index)
             return EXIT_OK
-        export.export_model(self._serving_copy(ds.num_classes, weights), self._path(export.MODEL_DIR))
-        self._write_final_files(ds, test_metrics)
+        serving = self._serving_copy(ds.num_classes, weights)
+        export.export_model(serving, self._path(export.MODEL_DIR))
+        self._write_final_files(ds, test_metrics, self._evaluation_report(serving, ds))
         # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
         storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
         listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
@@ -459,7 +460,16 @@ class Trainer:
         model_lib.compile_for_phase(copy, cfg.train.fine_tuning, cfg.train.fine_tuning.learning_rate, num_classes)
         return copy
 
-    def _write_final_files(self, ds: data.Dataset, test_metrics: dict) -> None:
+    def _evaluation_report(self, serving: tf.keras.Model, ds: data.Dataset) -> dict | None:
+        """Chief only: the per-class report on the test split, computed with the serving copy on this worker
+        alone (no collectives: the other workers may have exited); written as evaluation.json, confusion.png."""
+        if ds.test is None or ds.test.num_examples == 0:
+            return None
+        evaluation = report.evaluate_split(serving, ds.test, ds.class_names, self.ctx.global_batch)
+        report.write_report(evaluation, str(self.ctx.staging))
+        return evaluation
+
+    def _write_final_files(self, ds: data.Dataset, test_metrics: dict, evaluation: dict | None) -> None:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
         shutil.rmtree(self._path(BACKUP), ignore_errors=True)
@@ -481,15 +491,20 @@ class Trainer:
             "global_batch_size": ctx.global_batch,
             "num_workers": ctx.spec.num_workers,
             "replicas": ctx.replicas,
+            "evaluation": report.summary(evaluation) if evaluation else None,
         }
         export.write_json(self._path(export.METRICS), metrics)
         export.write_json(self._path(export.HISTORY), self.history)
         p1_end = self.ends["feature_extraction"][1]
         export.plot_curves(self.history, self._path(export.CURVES),
                            p1_end if cfg.train.fine_tuning.epochs and p1_end else None)
-        export.write_json(self._path(export.METADATA), export.metadata(
+        meta = export.metadata(
             class_names=ds.class_names, image_size=cfg.data.image_size, config_digest=digest(cfg),
-            num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch))
+            num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch)
+        export.write_json(self._path(export.METADATA), meta)
+        splits = {s.name: s.num_examples for s in (ds.train, ds.validation, ds.test) if s is not None}
+        export.write_model_package(self._path(export.MODEL_DIR), meta, export.model_card(
+            name=cfg.name, meta=meta, params=to_dict(cfg), metrics=metrics, evaluation=evaluation, split_sizes=splits))
         (self._path(export.PARAMS)).write_text(to_yaml(cfg))
         last = self.history[-1] if self.history else {}
         export.write_json(self._path(export.STATUS), {
