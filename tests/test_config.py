@@ -120,3 +120,12 @@ def test_cli_config_error_exits_2_before_tensorflow(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_CONFIG, proc.stderr
     assert "train.fine_tuning.fine_tune_at" in proc.stderr and "999" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_export_section() -> None:
+    assert load_config(None, environ={}).export.tflite is False
+    assert load_config(None, ["export.tflite=true"], environ={}).export.tflite is True
+    with pytest.raises(ConfigError, match=r"export\.tflite: 'yes please' is not a valid bool"):
+        load_config(None, ["export.tflite=yes please"], environ={})
+    with pytest.raises(ConfigError, match=r"unknown key 'export\.tfilte'.*Did you mean 'export\.tflite'"):
+        load_config(None, ["export.tfilte=true"], environ={})

@@ -194,6 +194,19 @@ def test_batched_predict_gives_the_per_image_loop_results(finished_run, tmp_path
             assert row["probability"] == pytest.approx(max(p, 1 - p), abs=2e-6)
 
 
+def test_tflite_that_disagrees_is_not_kept(finished_run, tmp_path: Path) -> None:
+    from tljob import export
+
+    out, _, _ = finished_run
+    model = tmp_path / "model"
+    shutil.copytree(out / "model", model)
+    images = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype(np.float32)
+    # No float32 conversion is exact to better than a negative tolerance: the file must go.
+    check = export.export_tflite(model, [images], tolerance=-1.0)
+    assert check["file"] is None and "not kept" in check["error"] and check["checked_images"] == 5
+    assert not (model / "model.tflite").exists()
+
+
 def test_a_copy_of_model_works_alone(finished_run, tmp_path: Path) -> None:
     """README's GKE step 6: copy model/ out of the run, then predict and evaluate with the copy."""
     out, _, _ = finished_run
@@ -234,13 +247,17 @@ def test_multiclass_run_reports_every_class(tmp_path: Path) -> None:
     proc = tljob("train", "--config", DRY_RUN, "--output", str(out), "--set", "data.synthetic.num_classes=3",
                  "--set", "data.synthetic.train_examples=48", "--set", "data.synthetic.validation_examples=0",
                  "--set", "data.synthetic.test_examples=30", "--set", "train.feature_extraction.epochs=1",
-                 "--set", "train.fine_tuning.epochs=0")
+                 "--set", "train.fine_tuning.epochs=0", "--set", "export.tflite=true")
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
     evaluation = json.loads((out / "evaluation.json").read_text())
     names = ["class_0", "class_1", "class_2"]
     assert list(evaluation["per_class"]) == names and np.array(evaluation["confusion_matrix"]).shape == (3, 3)
     assert sum(r["support"] for r in evaluation["per_class"].values()) == 30
     assert (out / "model" / "labels.txt").read_text().split() == names
+    lite = json.loads((out / "model" / "metadata.json").read_text())["tflite"]
+    assert lite["file"] == "model.tflite" and lite["checked_images"] == 30 and lite["max_abs_diff"] < 1e-4
+    assert (out / "model" / "model.tflite").is_file() and "agrees with the SavedModel on 30" in (
+        out / "model" / "README.md").read_text()
     image = tmp_path / "one.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
     proc = tljob("predict", "--model", str(out / "model"), str(image), "--top-k", "3")

@@ -10,9 +10,10 @@ import logging
 import platform
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display in pods or CI
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
@@ -82,7 +83,7 @@ def versions() -> dict[str, str]:
 
 
 def metadata(*, class_names: list[str], image_size: int, config_digest: str, num_workers: int,
-             replicas: int, global_batch: int) -> dict[str, Any]:
+             replicas: int, global_batch: int, tflite: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "class_names": class_names,
         "image_size": image_size,
@@ -94,6 +95,8 @@ def metadata(*, class_names: list[str], image_size: int, config_digest: str, num
         "replicas": replicas,
         "global_batch_size": global_batch,
         "versions": versions(),
+        # export_tflite's result (export.tflite: true), else absent.
+        **({"tflite": tflite} if tflite else {}),
     }
 
 
@@ -202,4 +205,52 @@ def model_card(*, name: str, meta: dict[str, Any], params: dict[str, Any], metri
         f"`{KERAS_FILE}` loads with `tf_keras.models.load_model`.",
         "",
     ]
+    lite = meta.get("tflite")
+    if lite and lite["file"]:
+        lines += [f"`{TFLITE_FILE}` (TFLite, float32, same input and output) agrees with the SavedModel on "
+                  f"{lite['checked_images']} test images within {lite['max_abs_diff']:.1e}.", ""]
+    elif lite:
+        lines += [f"No TFLite file: {lite['error']}.", ""]
     return "\n".join(lines)
+
+
+# Largest difference in any output probability between model.tflite and the SavedModel on the checked images;
+# float32 conversion without quantisation differs by rounding only (about 1e-6 measured on the dry run).
+TFLITE_TOLERANCE = 1e-4
+
+
+def export_tflite(model_dir: Path, batches: Iterable[np.ndarray], tolerance: float = TFLITE_TOLERANCE
+                  ) -> dict[str, Any]:
+    """model/model.tflite from the SavedModel, checked against it on `batches` (float images); the result.
+
+    A file that disagrees beyond `tolerance` is removed again (a model that answers differently must not ship
+    under the same name) and the result says why; the run itself still succeeds.
+    """
+    import tensorflow as tf
+
+    path = model_dir / TFLITE_FILE
+    path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(model_dir / SAVED_MODEL_DIR)).convert())
+    saved = tf.saved_model.load(str(model_dir / SAVED_MODEL_DIR))
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    source, result = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    checked, max_diff = 0, 0.0
+    for x in batches:
+        interpreter.resize_tensor_input(source, x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source, x)
+        interpreter.invoke()
+        lite, reference = interpreter.get_tensor(result), saved.serve(x).numpy()
+        max_diff = max(max_diff, float(np.abs(lite - reference).max()))
+        checked += len(x)
+    check = {"file": TFLITE_FILE, "checked_images": checked, "max_abs_diff": max_diff, "tolerance": tolerance}
+    if not checked:
+        log.warning("export.tflite: no test images to check %s against the SavedModel; kept unchecked", path)
+    elif max_diff > tolerance:
+        path.unlink()
+        check = {**check, "file": None, "error": f"outputs differ from the SavedModel's by {max_diff:.2e} > "
+                                                  f"{tolerance:.0e} on the test images; {TFLITE_FILE} not kept"}
+        log.error("export.tflite: %s", check["error"])
+    else:
+        log.info("export.tflite: %s agrees with the SavedModel on %d test images (max difference %.2e)",
+                 path, checked, max_diff)
+    return check

@@ -438,7 +438,8 @@ class Trainer:
             return EXIT_OK
         serving = self._serving_copy(ds.num_classes, weights)
         export.export_model(serving, self._path(export.MODEL_DIR))
-        self._write_final_files(ds, test_metrics, self._evaluation_report(serving, ds))
+        tflite = self._tflite(ds) if self.cfg.export.tflite else None
+        self._write_final_files(ds, test_metrics, self._evaluation_report(serving, ds), tflite)
         # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
         storage.remove_tree(storage.join(self.cfg.output or "", BACKUP))
         listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
@@ -469,7 +470,13 @@ class Trainer:
         report.write_report(evaluation, str(self.ctx.staging))
         return evaluation
 
-    def _write_final_files(self, ds: data.Dataset, test_metrics: dict, evaluation: dict | None) -> None:
+    def _tflite(self, ds: data.Dataset) -> dict:
+        """Chief only: model/model.tflite, checked against the SavedModel on the test images (if any)."""
+        batches = (x.numpy() for x, _ in data.ordered_batches(ds.test, self.ctx.global_batch)) if ds.test else ()
+        return export.export_tflite(self._path(export.MODEL_DIR), batches)
+
+    def _write_final_files(self, ds: data.Dataset, test_metrics: dict, evaluation: dict | None,
+                           tflite: dict | None) -> None:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
         shutil.rmtree(self._path(BACKUP), ignore_errors=True)
@@ -500,7 +507,7 @@ class Trainer:
                            p1_end if cfg.train.fine_tuning.epochs and p1_end else None)
         meta = export.metadata(
             class_names=ds.class_names, image_size=cfg.data.image_size, config_digest=digest(cfg),
-            num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch)
+            num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch, tflite=tflite)
         export.write_json(self._path(export.METADATA), meta)
         splits = {s.name: s.num_examples for s in (ds.train, ds.validation, ds.test) if s is not None}
         export.write_model_package(self._path(export.MODEL_DIR), meta, export.model_card(
