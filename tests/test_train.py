@@ -161,10 +161,10 @@ def test_predict_and_evaluate_with_exported_model(finished_run, tmp_path: Path) 
 
 
 def test_batched_predict_gives_the_per_image_loop_results(finished_run, tmp_path: Path) -> None:
-    """The batched pipeline against today's per-image loop (as inference.predict was), across batch edges."""
+    """The batched pipeline against the per-image loop inference.predict had, across batch edges."""
     import tensorflow as tf
 
-    from tljob import inference
+    from tljob import data, inference
     from tljob.model import load_exported
 
     out, _, _ = finished_run
@@ -181,8 +181,8 @@ def test_batched_predict_gives_the_per_image_loop_results(finished_run, tmp_path
         except tf.errors.InvalidArgumentError:
             reference.append(None)
             continue
-        resized = tf.image.resize(image, (64, 64), method="bilinear")
-        batch = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.float32)[None]
+        # The loop resized to float and rounded; resize_image rounds to the same whole values, as uint8.
+        batch = tf.cast(data.resize_image(image, 64), tf.float32)[None]
         reference.append(float(model.predict(batch, verbose=0)[0][0]))
     rows = list(inference.predict(str(out / "model"), files, batch_size=3))
     assert [r["path"] for r in rows] == files
