@@ -165,7 +165,6 @@ def test_batched_predict_gives_the_per_image_loop_results(finished_run, tmp_path
     import tensorflow as tf
 
     from tljob import data, inference
-    from tljob.model import load_exported
 
     out, _, _ = finished_run
     paths, _ = _labelled_folder(tmp_path / "imgs", 7, seed=7)
@@ -173,7 +172,7 @@ def test_batched_predict_gives_the_per_image_loop_results(finished_run, tmp_path
     Image.open(paths[0]).resize((97, 51)).save(tmp_path / "wide.jpg", quality=90)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     files = [str(tmp_path / "wide.jpg"), *map(str, paths[:3]), str(tmp_path / "broken.png"), *map(str, paths[3:])]
-    model = load_exported(str(out / "model"))
+    model = tf.keras.models.load_model(str(out / "model" / "model.keras"))
     reference = []
     for path in files:
         try:

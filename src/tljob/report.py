@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -197,13 +197,15 @@ def split_names(split: Any) -> list[str]:
     return split.paths if split.paths is not None else [f"data.{split.name}[{i}]" for i in range(split.num_examples)]
 
 
-def evaluate_split(model: Any, split: Any, class_names: list[str], batch_size: int) -> dict[str, Any]:
-    """The report of `model` on a data.Split, computed on this process alone (no collectives)."""
+def evaluate_split(classify: Callable[[Any], np.ndarray], split: Any, class_names: list[str], batch_size: int
+                   ) -> dict[str, Any]:
+    """The report of `classify` (float32 image batch -> model outputs) on a data.Split, computed on this
+    process alone (no collectives)."""
     from tljob import data
 
     outputs, labels = [], []
     for x, y in data.ordered_batches(split, batch_size):
-        outputs.append(model.predict_on_batch(x))
+        outputs.append(classify(x))
         labels.append(y.numpy())
     if not outputs:
         raise ValueError(f"split {split.name} is empty")  # callers evaluate only splits with examples
