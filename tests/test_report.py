@@ -93,3 +93,12 @@ def test_top_classes_sigmoid_and_softmax() -> None:
     best = top_classes(PROBS[:2], NAMES, 2)
     assert [[c for c, _ in row] for row in best] == [["a", "b"], ["a", "b"]]
     assert math.isclose(best[0][1][1], 0.2)
+
+
+def test_examples_without_files_are_named_by_position() -> None:
+    from types import SimpleNamespace
+
+    records = SimpleNamespace(paths=None, num_examples=3, name="test")
+    assert report.split_names(records, "gs://b/flowers/test") == [f"gs://b/flowers/test[{i}]" for i in range(3)]
+    files = SimpleNamespace(paths=["a/1.jpg"], num_examples=1, name="test")
+    assert report.split_names(files, "data.test") == ["a/1.jpg"]

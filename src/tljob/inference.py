@@ -145,5 +145,5 @@ def evaluate(model_dir: str, data_path: str, *, source: str, batch_size: int) ->
     ds = data.load_dataset(cfg, seed=0, cache_dir=scratch)
     if ds.class_names != meta["class_names"]:
         raise ConfigError(f"--data {data_path}: classes {ds.class_names} differ from the model's {meta['class_names']}.")
-    result = report.evaluate_split(serve, ds.train, ds.class_names, batch_size)
+    result = report.evaluate_split(serve, ds.train, ds.class_names, batch_size, source=data_path)
     return {**result, "data": data_path, "bad_files": len(ds.bad_files), "bad_file_names": ds.bad_files}

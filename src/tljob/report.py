@@ -192,15 +192,15 @@ def write_report(report: dict[str, Any], directory: str) -> list[str]:
 # ----------------------------------------------------------------------------- running a model
 
 
-def split_names(split: Any) -> list[str]:
-    """Each example's name: its file or generated name, else `data.<split>[i]` (position in reading order)."""
-    return split.paths if split.paths is not None else [f"data.{split.name}[{i}]" for i in range(split.num_examples)]
+def split_names(split: Any, source: str) -> list[str]:
+    """Each example's name: its file or generated name, else `<source>[i]` (its position in reading order)."""
+    return split.paths if split.paths is not None else [f"{source}[{i}]" for i in range(split.num_examples)]
 
 
-def evaluate_split(classify: Callable[[Any], np.ndarray], split: Any, class_names: list[str], batch_size: int
-                   ) -> dict[str, Any]:
+def evaluate_split(classify: Callable[[Any], np.ndarray], split: Any, class_names: list[str], batch_size: int,
+                   source: str) -> dict[str, Any]:
     """The report of `classify` (float32 image batch -> model outputs) on a data.Split, computed on this
-    process alone (no collectives)."""
+    process alone (no collectives); `source` names the examples of a split without file names."""
     from tljob import data
 
     outputs, labels = [], []
@@ -209,4 +209,4 @@ def evaluate_split(classify: Callable[[Any], np.ndarray], split: Any, class_name
         labels.append(y.numpy())
     if not outputs:
         raise ValueError(f"split {split.name} is empty")  # callers evaluate only splits with examples
-    return build_report(np.concatenate(labels), np.concatenate(outputs), class_names, split_names(split))
+    return build_report(np.concatenate(labels), np.concatenate(outputs), class_names, split_names(split, source))

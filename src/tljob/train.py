@@ -466,7 +466,8 @@ class Trainer:
         alone (no collectives: the other workers may have exited); written as evaluation.json, confusion.png."""
         if ds.test is None or ds.test.num_examples == 0:
             return None
-        evaluation = report.evaluate_split(serving.predict_on_batch, ds.test, ds.class_names, self.ctx.global_batch)
+        evaluation = report.evaluate_split(serving.predict_on_batch, ds.test, ds.class_names, self.ctx.global_batch,
+                                           source="data.test")
         report.write_report(evaluation, str(self.ctx.staging))
         return evaluation
 
