@@ -102,3 +102,37 @@ def test_examples_without_files_are_named_by_position() -> None:
     assert report.split_names(records, "gs://b/flowers/test") == [f"gs://b/flowers/test[{i}]" for i in range(3)]
     files = SimpleNamespace(paths=["a/1.jpg"], num_examples=1, name="test")
     assert report.split_names(files, "data.test") == ["a/1.jpg"]
+
+
+def test_a_model_directory_without_metadata_is_a_config_error(tmp_path: Path) -> None:
+    from tljob.errors import ConfigError
+    from tljob.inference import load_metadata
+
+    with pytest.raises(ConfigError, match=r"--model .*metadata.json not found. Fix: .*copied into it"):
+        load_metadata(str(tmp_path))
+
+
+def test_predict_arguments_are_checked_before_any_work(tmp_path: Path) -> None:
+    from tljob.errors import ConfigError
+    from tljob.inference import predict
+
+    (tmp_path / "metadata.json").write_text(json.dumps({"class_names": ["cat", "dog"], "image_size": 32}))
+    with pytest.raises(ConfigError, match=r"--top-k 3: the model has 2 classes. Fix: use 1 to 2"):
+        list(predict(str(tmp_path), ["x.jpg"], top_k=3))
+    with pytest.raises(ConfigError, match=r"--batch-size 0"):
+        list(predict(str(tmp_path), ["x.jpg"], batch_size=0))
+
+
+def test_inputs_expand_folders_and_globs_in_argument_order(tmp_path: Path) -> None:
+    from tljob.errors import ConfigError
+    from tljob.inference import resolve_inputs
+
+    for rel in ("d/b.jpg", "d/a.png", "d/sub/c.jpg", "d/.hidden.jpg", "e.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    shown = [s for s, _ in resolve_inputs([str(tmp_path / "e.jpg"), str(tmp_path / "d"),
+                                           str(tmp_path / "d" / "**" / "*.jpg"), str(tmp_path / "gone.jpg")], "")]
+    rel = [str(Path(s).relative_to(tmp_path)) for s in shown]
+    assert rel == ["e.jpg", "d/a.png", "d/b.jpg", "d/sub/c.jpg", "d/b.jpg", "d/sub/c.jpg", "gone.jpg"]
+    with pytest.raises(ConfigError, match=r"matches no file"):
+        resolve_inputs([str(tmp_path / "*.tif")], "")

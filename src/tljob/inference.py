@@ -30,7 +30,8 @@ def load_metadata(model_dir: str) -> dict:
     path = storage.join(model_dir, export.METADATA)
     if not storage.exists(path):
         raise ConfigError(f"--model {model_dir}: {path} not found. Fix: point --model at the model/ directory of a "
-                          f"finished run (or a copy of it).")
+                          f"finished run (or a copy of it); a model exported before model/ held its metadata works "
+                          f"once its run's {export.METADATA} is copied into it.")
     return json.loads(storage.read_text(path))
 
 
