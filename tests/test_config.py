@@ -172,3 +172,12 @@ def test_changes_on_resume_lists_unsafe_keys_only() -> None:
                                                              "retired_key: 1 -> (absent)"]
     with pytest.raises(ConfigError, match="params.yaml: not a config"):
         changes_on_resume("[1, 2", "params.yaml", safe)
+
+
+def test_export_section() -> None:
+    assert load_config(None, environ={}).export.tflite is False
+    assert load_config(None, ["export.tflite=true"], environ={}).export.tflite is True
+    with pytest.raises(ConfigError, match=r"export\.tflite: 'yes please' is not a valid bool"):
+        load_config(None, ["export.tflite=yes please"], environ={})
+    with pytest.raises(ConfigError, match=r"unknown key 'export\.tfilte'.*Did you mean 'export\.tflite'"):
+        load_config(None, ["export.tfilte=true"], environ={})

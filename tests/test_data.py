@@ -361,3 +361,33 @@ def test_decode_pass_logs_its_progress(monkeypatch: pytest.MonkeyPatch, caplog: 
     assert len(good) == 299 and images.shape == (299, 8, 8, 3)
     assert "decode pass: 256 of 300 files decoded after" in caplog.text
     assert "decode pass: 299 of 300 files decoded after" in caplog.text
+
+
+@pytest.mark.parametrize("cache", ["auto", "none"])
+def test_test_split_names_each_image_in_order(tmp_path: Path, cache: str) -> None:
+    """The evaluation report pairs predictions with Split.paths by position: ordered_batches must keep the order."""
+    root = make_image_folder(tmp_path / "imgs", {"a": 7, "b": 6}, size=32)
+    (root / "b" / "bad.jpg").write_bytes(b"not an image")
+    cfg = folder_cfg(root, cache=cache, test_fraction=0.5, max_bad_fraction=0.5)
+    ds = data.load_dataset(cfg, seed=2, cache_dir=str(tmp_path / "c"))
+    test = ds.test
+    assert test is not None and len(test.paths) == test.num_examples
+    assert str(root / "b" / "bad.jpg") not in test.paths
+    batches = list(data.ordered_batches(test, 3))
+    pixels = np.concatenate([x.numpy() for x, _ in batches])
+    labels = np.concatenate([y.numpy() for _, y in batches])
+    for path, image, label in zip(test.paths, pixels, labels):
+        assert ds.class_names[label] == Path(path).parent.name
+        assert np.array_equal(image, data.decode_and_resize(Path(path).read_bytes(), 32).numpy())
+    synthetic = data.load_dataset(DataConfig(source="synthetic", image_size=32), seed=0, cache_dir="")
+    assert synthetic.test.paths[:2] == ["synthetic/test/0", "synthetic/test/1"]
+
+
+def test_decoded_file_batches_leave_gaps_for_bad_files(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"a": 4}, size=40)
+    files = sorted(str(p) for p in (root / "a").iterdir())
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG nope")
+    paths = [files[0], str(tmp_path / "bad.png"), str(tmp_path / "missing.jpg"), *files[1:]]
+    batches = list(data.decoded_file_batches(paths, 24, batch_size=2).as_numpy_iterator())
+    assert [idx.tolist() for idx, _ in batches] == [[0, 3], [4, 5]]
+    assert batches[0][1].shape == (2, 24, 24, 3) and batches[0][1].dtype == np.uint8

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from backups import backed_up_epoch, backed_up_step
@@ -198,6 +199,10 @@ def test_three_workers(tmp_path: Path) -> None:
     assert len(set(digests(workers))) == 1
     assert_chief_only_outputs(out, workers)
     assert all(h["global_batch_size"] == 24 for h in history(out))
+    # The chief evaluates the whole test split alone for the report, after the others have finished.
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["examples"] == 32 and np.array(evaluation["confusion_matrix"]).sum() == 32
+    assert (out / "confusion.png").is_file() and (out / "model" / "labels.txt").is_file()
 
 
 def test_indexed_job_sigkill_in_phase_2_then_resume_from_bucket(tmp_path: Path, gcs_bucket: str) -> None:

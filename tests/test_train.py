@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def test_dry_run_succeeds_within_90_seconds(finished_run) -> None:
 def test_dry_run_writes_every_output(finished_run) -> None:
     out, proc, _ = finished_run
     for rel in ("_SUCCESS", "history.json", "curves.png", "metrics.json", "metadata.json", "params.yaml",
-                "status.json", "model/model.keras", "model/saved_model/saved_model.pb",
+                "status.json", "model/model.keras", "model/saved_model/saved_model.pb", "evaluation.json",
+                "confusion.png", "model/metadata.json", "model/labels.txt", "model/README.md",
                 "checkpoints/feature_extraction.weights.h5", "checkpoints/fine_tuning.weights.h5"):
         assert (out / rel).is_file(), rel
     assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs missing"
@@ -98,18 +100,49 @@ def test_finished_run_is_not_retrained(finished_run) -> None:
     assert (out / "_SUCCESS").stat().st_mtime_ns == before
 
 
-def test_predict_and_evaluate_with_exported_model(finished_run, tmp_path: Path) -> None:
+def test_evaluation_report_and_model_package(finished_run) -> None:
     out, _, _ = finished_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["class_names"] == ["class_0", "class_1"] and evaluation["examples"] == 48
+    assert sum(r["support"] for r in evaluation["per_class"].values()) == 48
+    assert np.array(evaluation["confusion_matrix"]).sum() == 48
+    # The chief's local evaluation of the serving copy gives model.evaluate's test figures.
+    assert evaluation["accuracy"] == pytest.approx(metrics["test"]["test_accuracy"], abs=1e-6)
+    assert evaluation["loss"] == pytest.approx(metrics["test"]["test_loss"], rel=1e-4)
+    assert metrics["evaluation"]["macro_f1"] == evaluation["macro_avg"]["f1"]
+    wrong = 48 - int(np.trace(evaluation["confusion_matrix"]))
+    assert len(evaluation["worst_classified"]) == min(wrong, 25)
+    assert all(w["path"].startswith("synthetic/test/") for w in evaluation["worst_classified"])
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    model = out / "model"
+    assert json.loads((model / "metadata.json").read_text()) == json.loads((out / "metadata.json").read_text())
+    assert (model / "labels.txt").read_text() == "class_0\nclass_1\n"
+    card = (model / "README.md").read_text()
+    # The card's numbers are this run's.
+    for figure in (metrics["test"]["test_accuracy"], metrics["phases"]["fine_tuning"]["val_accuracy"],
+                   metrics["phases"]["feature_extraction"]["val_loss"], evaluation["per_class"]["class_1"]["recall"]):
+        assert f"{figure:.4f}" in card
+    assert "64, 64, 3" in card and "model.serve(" in card and "x / 127.5 - 1" in card
+
+
+def _labelled_folder(root: Path, n: int, seed: int = 123) -> tuple[list[Path], np.ndarray]:
     from tljob.data import synthetic_images
 
-    images, labels = synthetic_images(6, 2, 64, seed=123)
-    folder = tmp_path / "eval"
+    images, labels = synthetic_images(n, 2, 64, seed=seed)
     paths = []
     for i, (img, y) in enumerate(zip(images, labels)):
-        (folder / f"class_{y}").mkdir(parents=True, exist_ok=True)
-        path = folder / f"class_{y}" / f"{i}.png"
+        (root / f"class_{y}").mkdir(parents=True, exist_ok=True)
+        path = root / f"class_{y}" / f"{i}.png"
         Image.fromarray(img).save(path)
         paths.append(path)
+    return paths, labels
+
+
+def test_predict_and_evaluate_with_exported_model(finished_run, tmp_path: Path) -> None:
+    out, _, _ = finished_run
+    folder = tmp_path / "eval"
+    paths, labels = _labelled_folder(folder, 6)
     (tmp_path / "broken.jpg").write_text("not an image")
     proc = tljob("predict", "--model", str(out / "model"), *map(str, paths), str(tmp_path / "broken.jpg"))
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
@@ -119,10 +152,118 @@ def test_predict_and_evaluate_with_exported_model(finished_run, tmp_path: Path) 
     assert all(r["class"] in ("class_0", "class_1") and 0.5 <= r["probability"] <= 1 for r in good)
     assert np.mean([r["class"] == f"class_{y}" for r, y in zip(good, labels)]) >= 0.6
     assert "error" in rows[-1]
-    proc = tljob("evaluate", "--model", str(out / "model"), "--data", str(folder))
+    proc = tljob("evaluate", "--model", str(out / "model"), "--data", str(folder), "--json")
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
     metrics = json.loads(proc.stdout)
     assert metrics["examples"] == 6 and metrics["accuracy"] >= 0.6
+    assert sum(r["support"] for r in metrics["per_class"].values()) == 6
+    assert {w["path"] for w in metrics["worst_classified"]} <= set(map(str, paths))
+
+
+def test_batched_predict_gives_the_per_image_loop_results(finished_run, tmp_path: Path) -> None:
+    """The batched pipeline against the per-image loop inference.predict had, across batch edges."""
+    import tensorflow as tf
+
+    from tljob import data, inference
+
+    out, _, _ = finished_run
+    paths, _ = _labelled_folder(tmp_path / "imgs", 7, seed=7)
+    # Other sizes and formats than the model's 64x64 PNGs: the resize must match too.
+    Image.open(paths[0]).resize((97, 51)).save(tmp_path / "wide.jpg", quality=90)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    files = [str(tmp_path / "wide.jpg"), *map(str, paths[:3]), str(tmp_path / "broken.png"), *map(str, paths[3:])]
+    model = tf.keras.models.load_model(str(out / "model" / "model.keras"))
+    reference = []
+    for path in files:
+        try:
+            image = tf.io.decode_image(Path(path).read_bytes(), channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            reference.append(None)
+            continue
+        # The loop resized to float and rounded; resize_image rounds to the same whole values, as uint8.
+        batch = tf.cast(data.resize_image(image, 64), tf.float32)[None]
+        reference.append(float(model.predict(batch, verbose=0)[0][0]))
+    rows = list(inference.predict(str(out / "model"), files, batch_size=3))
+    assert [r["path"] for r in rows] == files
+    for row, p in zip(rows, reference):
+        if p is None:
+            assert row == {"path": files[4], "error": "not a decodable image"}
+        else:
+            assert row["class"] == ("class_1" if p > 0.5 else "class_0")
+            assert row["probability"] == pytest.approx(max(p, 1 - p), abs=2e-6)
+
+
+def test_tflite_that_disagrees_is_not_kept(finished_run, tmp_path: Path) -> None:
+    from tljob import export
+
+    out, _, _ = finished_run
+    model = tmp_path / "model"
+    shutil.copytree(out / "model", model)
+    images = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype(np.float32)
+    # No float32 conversion is exact to better than a negative tolerance: the file must go.
+    check = export.export_tflite(model, [images], tolerance=-1.0)
+    assert check["file"] is None and "not kept" in check["error"] and check["checked_images"] == 5
+    assert not (model / "model.tflite").exists()
+
+
+def test_a_copy_of_model_works_alone(finished_run, tmp_path: Path) -> None:
+    """README's GKE step 6: copy model/ out of the run, then predict and evaluate with the copy."""
+    out, _, _ = finished_run
+    shutil.copytree(out / "model", tmp_path / "model")  # gcloud storage cp -r $RUN/model .
+    paths, _ = _labelled_folder(tmp_path / "eval", 6)
+    proc = tljob("predict", "--model", "model", str(paths[0]), cwd=tmp_path)
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["class"] in ("class_0", "class_1")
+    proc = tljob("evaluate", "--model", "model", "--data", "eval", "--output", "report", cwd=tmp_path)
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    assert "precision" in proc.stdout and "class_0" in proc.stdout and "confusion matrix" in proc.stdout
+    saved = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    assert saved["examples"] == 6 and (tmp_path / "report" / "confusion.png").is_file()
+
+
+def test_model_predicts_and_evaluates_from_a_bucket(finished_run, gcs_bucket: str, tmp_path: Path) -> None:
+    from tljob import storage
+
+    out, _, _ = finished_run
+    model = f"{gcs_bucket}/elsewhere/model"
+    storage.upload_tree(str(out / "model"), model)
+    paths, _ = _labelled_folder(tmp_path / "eval", 4)
+    storage.upload_tree(str(tmp_path / "eval"), f"{gcs_bucket}/photos")
+    proc = tljob("predict", "--model", model, f"{gcs_bucket}/photos", "--top-k", "2")
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(
+        f"{gcs_bucket}/photos/{p.parent.name}/{p.name}" for p in paths)
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["class"] == r["class"] for r in rows)
+    proc = tljob("evaluate", "--model", model, "--data", str(tmp_path / "eval"), "--output", f"{gcs_bucket}/report")
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    assert json.loads(storage.read_text(f"{gcs_bucket}/report/evaluation.json"))["examples"] == 4
+    assert storage.read_bytes(f"{gcs_bucket}/report/confusion.png")[:4] == b"\x89PNG"
+
+
+def test_multiclass_run_reports_every_class(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = tljob("train", "--config", DRY_RUN, "--output", str(out), "--set", "data.synthetic.num_classes=3",
+                 "--set", "data.synthetic.train_examples=48", "--set", "data.synthetic.validation_examples=0",
+                 "--set", "data.synthetic.test_examples=30", "--set", "train.feature_extraction.epochs=1",
+                 "--set", "train.fine_tuning.epochs=0", "--set", "export.tflite=true")
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    names = ["class_0", "class_1", "class_2"]
+    assert list(evaluation["per_class"]) == names and np.array(evaluation["confusion_matrix"]).shape == (3, 3)
+    assert sum(r["support"] for r in evaluation["per_class"].values()) == 30
+    assert (out / "model" / "labels.txt").read_text().split() == names
+    lite = json.loads((out / "model" / "metadata.json").read_text())["tflite"]
+    assert lite["file"] == "model.tflite" and lite["checked_images"] == 30 and lite["max_abs_diff"] < 1e-4
+    assert (out / "model" / "model.tflite").is_file() and "agrees with the SavedModel on 30" in (
+        out / "model" / "README.md").read_text()
+    image = tmp_path / "one.png"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
+    proc = tljob("predict", "--model", str(out / "model"), str(image), "--top-k", "3")
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    row = json.loads(proc.stdout)
+    assert sorted(t["class"] for t in row["top_k"]) == names
+    assert sum(t["probability"] for t in row["top_k"]) == pytest.approx(1.0, abs=1e-4)
 
 
 def _wait_for(pred, proc: subprocess.Popen, timeout: float) -> None:

@@ -62,16 +62,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tljob.inference import predict
 
-    for row in predict(args.model, args.images):
+    for row in predict(args.model, args.images, batch_size=args.batch_size, top_k=args.top_k):
         print(json.dumps(row), flush=True)  # noqa: T201 - one JSON line per image is the interface
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tljob import report
     from tljob.inference import evaluate
 
-    metrics = evaluate(args.model, args.data, source=args.source, batch_size=args.batch_size)
-    print(json.dumps(metrics))  # noqa: T201 - the metrics are the command's output
+    result = evaluate(args.model, args.data, source=args.source, batch_size=args.batch_size)
+    if args.output:
+        report.write_report(result, args.output)
+    # The report is the command's output: a table to read, or one JSON document for scripts.
+    print(json.dumps(result) if args.json else report.format_table(result))  # noqa: T201
     return EXIT_OK
 
 
@@ -121,15 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("predict", help="classify images with an exported model; one JSON line each")
-    p.add_argument("--model", required=True, help="the run's model/ directory (local or gs://)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="a model/ directory, in its run or copied anywhere (local or gs://)")
+    p.add_argument("images", nargs="+", help="image files, folders, globs ('shots/*.jpg'), gs:// objects or prefixes")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument("--top-k", type=int, default=1, help="also list the k most probable classes of each image")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="metrics of an exported model on labelled data")
-    p.add_argument("--model", required=True, help="the run's model/ directory (local or gs://)")
+    p.add_argument("--model", required=True, help="a model/ directory, in its run or copied anywhere (local or gs://)")
     p.add_argument("--data", required=True, help="image folder (one sub-folder per class) or TFRecord dir")
     p.add_argument("--source", choices=("folder", "tfrecord"), default="folder")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", default=None, help="write evaluation.json and confusion.png here (local or gs://)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("manifests", help="render the Kubernetes manifests for a run")

@@ -146,6 +146,13 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    # Also write model/model.tflite (float32, converted from the SavedModel), kept only when its outputs agree
+    # with the SavedModel's on the test images (export.TFLITE_TOLERANCE).
+    tflite: bool = False
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "tljob"
     seed: int = 42
@@ -156,6 +163,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -55,6 +54,9 @@ class Split:
     stream: tf.data.Dataset | None = None  # (uint8 image, label) when not cached
     # FILE sharding is only correct when every worker can get at least one whole file.
     num_files: int = 0
+    # Each example's file (folders) or generated name (synthetic), in the split's order, for the evaluation
+    # report's worst-classified images; None where the source has no names. No pipeline reads it.
+    paths: list[str] | None = None
 
 
 @dataclass
@@ -104,12 +106,17 @@ def check_bad_share(bad: int, total: int, max_fraction: float) -> None:
 
 def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     """Any JPEG/PNG/GIF/BMP -> uint8 [size, size, 3], bilinear as image_dataset_from_directory does."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return resize_image(tf.io.decode_image(encoded, channels=3, expand_animations=False), image_size)
+
+
+def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A decoded image -> uint8 [size, size, 3]: the one resize every source, predict and evaluate share,
+    so a model sees at prediction time exactly the pixels it was trained and tested on."""
     image = tf.image.resize(image, (image_size, image_size), method="bilinear")
     return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
-def _scan_pipeline(encoded_ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
+def _scan_pipeline(encoded_ds: tf.data.Dataset, image_size: int, chunk: int = _SCAN_CHUNK) -> tf.data.Dataset:
     """(index, encoded bytes) -> chunks of (indices, images) of the elements that decoded.
 
     ``ignore_errors`` drops the elements whose decode raised; comparing the surviving indices with all of
@@ -118,7 +125,7 @@ def _scan_pipeline(encoded_ds: tf.data.Dataset, image_size: int) -> tf.data.Data
     # Plain TensorFlow calls: AutoGraph's source transform would only add ~0.1 s per traced function.
     decode = tf.autograph.experimental.do_not_convert(lambda i, data: (i, decode_and_resize(data, image_size)))
     ds = encoded_ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().batch(_SCAN_CHUNK).prefetch(2)
+    ds = ds.ignore_errors().batch(chunk).prefetch(2)
     return ds.with_options(_no_autotuner())
 
 
@@ -224,13 +231,13 @@ def _folder_splits(parts: dict[str, list[tuple[str, int]]], cfg: DataConfig, cac
         lo, hi = np.searchsorted(good_idx, [start, end])
         if cache:
             splits[name] = Split(name, int(hi - lo), images=images[lo:hi], labels=labels[good_idx[lo:hi]],
-                                 num_files=int(hi - lo))
+                                 num_files=int(hi - lo), paths=[paths[i] for i in good_idx[lo:hi]])
         else:
             good_paths = [paths[i] for i in good_idx[lo:hi]]
             stream = tf.data.Dataset.from_tensor_slices((good_paths, labels[good_idx[lo:hi]])).map(
                 lambda p, y: (decode_and_resize(tf.io.read_file(p), cfg.image_size), y),
                 num_parallel_calls=AUTOTUNE)
-            splits[name] = Split(name, len(good_paths), stream=stream, num_files=len(good_paths))
+            splits[name] = Split(name, len(good_paths), stream=stream, num_files=len(good_paths), paths=good_paths)
         start = end
     return splits
 
@@ -499,7 +506,7 @@ def _load_tfds(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     cache = _want_cache(cfg, sum(sizes.values()))
     splits = {}
     for key, ds in raw.items():
-        ds = ds.map(lambda x, y: (_resize_decoded(x, cfg.image_size), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (resize_image(x, cfg.image_size), y), num_parallel_calls=AUTOTUNE)
         if cache:
             images = np.empty((sizes[key], cfg.image_size, cfg.image_size, 3), np.uint8)
             labels = np.empty((sizes[key],), np.int64)
@@ -516,11 +523,6 @@ def _load_tfds(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
 def _tfds_size(ds: tf.data.Dataset, builder, split: str) -> int:
     n = int(ds.cardinality())
     return n if n >= 0 else builder.info.splits[split].num_examples
-
-
-def _resize_decoded(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
-    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 # ----------------------------------------------------------------------------- synthetic source
@@ -554,7 +556,7 @@ def _load_synthetic(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
                                        ("test", s.test_examples))):
         if n:
             images, labels = synthetic_images(n, s.num_classes, cfg.image_size, seed + offset)
-            splits[key] = Split(key, n, images=images, labels=labels)
+            splits[key] = Split(key, n, images=images, labels=labels, paths=[f"synthetic/{key}/{i}" for i in range(n)])
     names = [f"class_{k}" for k in range(s.num_classes)]
     return _finish(cfg, names, splits, [], sum(sp.num_examples for sp in splits.values()))
 
@@ -772,6 +774,15 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
     return ds.prefetch(AUTOTUNE)
 
 
+def ordered_batches(split: Split, batch_size: int) -> tf.data.Dataset:
+    """(float32 images, labels) batches of the whole split in its stored order, on this worker alone: the
+    evaluation report pairs each prediction with the example's name (Split.paths) by position."""
+    ds = _source_dataset(split).batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    # Unlike the training pipelines (_with_options), order kept: parallel maps stay deterministic.
+    return ds.prefetch(AUTOTUNE).with_options(_no_autotuner())
+
+
 def eval_pipeline(split: Split, *, global_batch: int, num_workers: int) -> tf.data.Dataset:
     ds = _source_dataset(split).batch(global_batch, drop_remainder=num_workers > 1)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
@@ -782,12 +793,10 @@ def steps_per_epoch(num_examples: int, global_batch: int, drop_remainder: bool) 
     return num_examples // global_batch if drop_remainder else math.ceil(num_examples / global_batch)
 
 
-def iter_image_files(paths: list[str]) -> Iterator[tuple[str, np.ndarray | None]]:
-    """For predict: each path with its decoded uint8 image, or None when it does not decode."""
-    for path in paths:
-        try:
-            data = storage.read_bytes(path)
-            yield path, tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-        except (tf.errors.InvalidArgumentError, FileNotFoundError) as exc:
-            log.warning("cannot decode %s: %s", path, exc)
-            yield path, None
+def decoded_file_batches(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
+    """For predict: batches of (indices into `paths`, uint8 images) of the local files that decode, in order.
+
+    A file that is missing or does not decode is left out of its batch (the decode pass's ignore_errors):
+    the gap in the indices tells the caller which one, so its error can still be reported in input order.
+    """
+    return _scan_pipeline(_read_encoded(paths), image_size, chunk=batch_size)

@@ -11,7 +11,7 @@ folders of tljob.layout (Vertex AI's under a custom job) for the model, backups 
   state.json                       which phases are finished
   params.yaml                      the config, from the start of training (a resumed run is checked against it)
   history.json, status.json, logs/ (TensorBoard) during the run; at the end model/, metrics.json,
-  curves.png, metadata.json, and _SUCCESS last.
+  curves.png, evaluation.json and confusion.png (with a test split), metadata.json, and _SUCCESS last.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from tljob import cluster, config, data, export, fastval, faults, model as model_lib, storage
-from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
+from tljob import cluster, config, data, export, fastval, faults, model as model_lib, report, storage
+from tljob.config import JobConfig, PhaseConfig, digest, to_dict, to_yaml
 from tljob.errors import EXIT_OK, ConfigError, RetryableError
 from tljob.layout import RunLayout
 
@@ -608,8 +608,10 @@ class Trainer:
             return EXIT_OK
         # Chief only, after the last collective: export and publish wait on no peer.
         with self.watchdog.working("export", collectives=False):
-            export.export_model(self._serving_copy(ds.num_classes, weights), self._path(self.ctx.layout.model))
-            self._write_final_files(ds, test_metrics)
+            serving = self._serving_copy(ds.num_classes, weights)
+            export.export_model(serving, self._path(self.ctx.layout.model))
+            tflite = self._tflite(ds) if self.cfg.export.tflite else None
+            self._write_final_files(ds, test_metrics, self._evaluation_report(serving, ds), tflite)
         with self.watchdog.working("publish", collectives=False):
             # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
             storage.remove_tree(storage.join(self.cfg.output or "", self.ctx.layout.backup))
@@ -632,7 +634,23 @@ class Trainer:
         model_lib.compile_for_phase(copy, cfg.train.fine_tuning, cfg.train.fine_tuning.learning_rate, num_classes)
         return copy
 
-    def _write_final_files(self, ds: data.Dataset, test_metrics: dict) -> None:
+    def _evaluation_report(self, serving: tf.keras.Model, ds: data.Dataset) -> dict | None:
+        """Chief only: the per-class report on the test split, computed with the serving copy on this worker
+        alone (no collectives: the other workers may have exited); written as evaluation.json, confusion.png."""
+        if ds.test is None or ds.test.num_examples == 0:
+            return None
+        evaluation = report.evaluate_split(serving.predict_on_batch, ds.test, ds.class_names, self.ctx.global_batch,
+                                           source="data.test")
+        report.write_report(evaluation, str(self.ctx.staging))
+        return evaluation
+
+    def _tflite(self, ds: data.Dataset) -> dict:
+        """Chief only: model/model.tflite, checked against the SavedModel on the test images (if any)."""
+        batches = (x.numpy() for x, _ in data.ordered_batches(ds.test, self.ctx.global_batch)) if ds.test else ()
+        return export.export_tflite(self._path(self.ctx.layout.model), batches)
+
+    def _write_final_files(self, ds: data.Dataset, test_metrics: dict, evaluation: dict | None,
+                           tflite: dict | None) -> None:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
         shutil.rmtree(self._path(self.ctx.layout.backup), ignore_errors=True)
@@ -654,15 +672,20 @@ class Trainer:
             "global_batch_size": ctx.global_batch,
             "num_workers": ctx.spec.num_workers,
             "replicas": ctx.replicas,
+            "evaluation": report.summary(evaluation) if evaluation else None,
         }
         export.write_json(self._path(export.METRICS), metrics)
         export.write_json(self._path(export.HISTORY), self.history)
         p1_end = self.ends["feature_extraction"][1]
         export.plot_curves(self.history, self._path(export.CURVES),
                            p1_end if cfg.train.fine_tuning.epochs and p1_end else None)
-        export.write_json(self._path(export.METADATA), export.metadata(
+        meta = export.metadata(
             class_names=ds.class_names, image_size=cfg.data.image_size, config_digest=digest(cfg),
-            num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch))
+            num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch, tflite=tflite)
+        export.write_json(self._path(export.METADATA), meta)
+        splits = {s.name: s.num_examples for s in (ds.train, ds.validation, ds.test) if s is not None}
+        export.write_model_package(self._path(self.ctx.layout.model), meta, export.model_card(
+            name=cfg.name, meta=meta, params=to_dict(cfg), metrics=metrics, evaluation=evaluation, split_sizes=splits))
         last = self.history[-1] if self.history else {}
         export.write_json(self._path(export.STATUS), {
             "state": "succeeded", "phase": last.get("phase"), "epoch": last.get("epoch"),
