@@ -14,23 +14,15 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from tljob import __version__
+from tljob import __version__, console
 from tljob.errors import EXIT_INTERNAL, EXIT_OK, ConfigError, TljobError
 
 log = logging.getLogger("tljob")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from tljob import storage  # no TensorFlow in these: config errors come back fast
-    from tljob.config import load_config, to_yaml
+    from tljob.config import digest, load_config, to_yaml
     from tljob.layout import RunLayout, vertex_run  # Vertex AI's AIP_* folders when no --output is given
 
     # Through storage: users keep job configs in buckets (--config gs://bucket/job.yaml).
@@ -45,13 +37,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, layout = dataclasses.replace(cfg, output=vertex.output), vertex.layout
     if not cfg.output:
         raise ConfigError("output: not set. Fix: pass --output DIR (or gs://bucket/prefix) or set `output:` in the YAML.")
-    log.info("final config:\n%s", to_yaml(cfg))
+    # In full only with -v: it is 60 lines, and params.yaml in the run holds it.
+    log.info("final config: %s, digest %s (saved as params.yaml; -v logs it)", cfg.name, digest(cfg))
+    log.debug("final config:\n%s", to_yaml(cfg))
+    console.import_tensorflow()
     from tljob.train import run
 
     return run(cfg, layout)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    console.import_tensorflow()
     from tljob.data import convert_folder
 
     report = convert_folder(args.input, args.output, shards=args.shards, image_size=args.image_size)
@@ -60,6 +56,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    console.import_tensorflow()
     from tljob.inference import predict
 
     for row in predict(args.model, args.images, batch_size=args.batch_size, top_k=args.top_k):
@@ -68,6 +65,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    console.import_tensorflow()
     from tljob import report
     from tljob.inference import evaluate
 
@@ -108,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tljob", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tljob {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and TensorFlow's own log lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run (or resume) the two-phase training job")
@@ -166,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    console.setup(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

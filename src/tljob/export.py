@@ -18,6 +18,8 @@ import numpy as np
 matplotlib.use("Agg")  # no display in pods or CI
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
+from tljob import console  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
@@ -105,7 +107,8 @@ def export_model(model: Any, model_dir: Path) -> None:
         shutil.rmtree(model_dir)  # a retried export must not mix two attempts' files
     model_dir.mkdir(parents=True)
     model.save(model_dir / KERAS_FILE)
-    model.export(str(model_dir / SAVED_MODEL_DIR))
+    with console.keras_messages_to_log():
+        model.export(str(model_dir / SAVED_MODEL_DIR))
     log.info("exported %s and %s", model_dir / KERAS_FILE, model_dir / SAVED_MODEL_DIR)
 
 

@@ -34,6 +34,7 @@ from tljob import cluster, config, data, export, fastval, faults, model as model
 from tljob.config import JobConfig, PhaseConfig, digest, to_dict, to_yaml
 from tljob.errors import EXIT_OK, ConfigError, RetryableError
 from tljob.layout import RunLayout
+from tljob import console
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     if cfg.output is None:
         raise ValueError("run() needs cfg.output; cli.py sets it")  # programming error, not user input
     spec = cluster.resolve_cluster(os.environ)
-    log.info("cluster: %s", spec.describe())
+    log.debug("cluster: %s", spec.describe())  # resolve_cluster logs it
     storage.preflight(cfg.output)
     if storage.is_finished(cfg.output):
         log.info("run %s is already finished (_SUCCESS exists): not retraining", cfg.output)
@@ -540,6 +541,8 @@ class Trainer:
         callbacks: list[tf.keras.callbacks.Callback] = [
             # First: the epoch's val_* metrics must be in `logs` before Progress and TensorBoard read them.
             *([cached_validation] if cached_validation else []),
+            *console.progress_bar(phase=phase, steps=steps, total_epochs=self.total_epochs,
+                                  global_batch=self.ctx.global_batch, chief=self.ctx.is_chief),
             # History before backup at each epoch end: a crash between the two re-runs an epoch that
             # history already has (trimmed on resume), never leaves a backed-up epoch out of history.
             Progress(self, phase, steps, cached_validation),
@@ -694,4 +697,4 @@ class Trainer:
             "images_per_second": last.get("images_per_second"), "eta_s": 0.0, "updated_at": _now(),
             "started_at": self.started_at, "name": cfg.name, "num_workers": ctx.spec.num_workers,
         })
-        log.info("metrics: %s", {k: metrics[k] for k in ("phases", "test", "images_per_second", "bad_files")})
+        console.log_summary(cfg.output or "", metrics, self.history)

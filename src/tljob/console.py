@@ -1,0 +1,250 @@
+"""What a person watching a run sees: log set-up, TensorFlow's chatter, the progress bar, the summary.
+
+By default the console carries tljob's own lines and warnings and errors from anywhere; `-v` adds
+tljob's debug lines and brings back everything TensorFlow and absl say (C++ INFO notices, the
+Python loggers' INFO lines, tf-keras messages such as the SavedModel export's signature listing).
+In a terminal the chief shows a progress bar per epoch; in a pod's log (no TTY) each epoch is one
+line, and long stages without steps log a heartbeat (faults.Watchdog.working).
+
+Imported by cli.py before TensorFlow (TF_CPP_MIN_LOG_LEVEL is read when TensorFlow loads), so
+nothing here imports TensorFlow at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers of libraries whose INFO lines are about their own plumbing (absl: "Sharding callback
+# duration" every epoch; tensorflow: "Collective all_reduce tensors", "Assets written to").
+_LIBRARY_LOGGERS = ("absl", "tensorflow")
+# C++ lines TensorFlow writes before absl::InitializeLog(), which TF_CPP_MIN_LOG_LEVEL does not filter:
+# absl's notice itself and INFO lines (oneDNN, "Could not find cuda drivers").
+_NATIVE_NOTICE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|I\d{4} [\d:.]+ +\d+ \S+:\d+\] )")
+_CUINIT_FAILED = re.compile(rb"^E\d{4} .*failed call to cuInit")
+_NVIDIA_DRIVER = (Path("/proc/driver/nvidia"), Path("/dev/nvidiactl"))
+
+log = logging.getLogger(__name__)
+_verbose = False
+
+
+class _QuietLibraries(logging.Filter):
+    """Passes library loggers' records only from WARNING up (a handler filter: the loggers themselves are
+    left alone, since absl creates its own logger class when it is first imported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in _LIBRARY_LOGGERS
+
+
+class _BarAwareHandler(logging.StreamHandler):
+    """In a terminal: writes each line above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: report and go on
+            self.handleError(record)
+
+
+def setup(verbose: bool) -> None:
+    """Logging to stderr (stdout is the result of predict, evaluate and convert) and TensorFlow's verbosity.
+
+    Runs before TensorFlow is imported. `verbose` restores TensorFlow's own C++ log level (0: everything)
+    over tljob's default of 1 (tljob/__init__.py: no INFO notices).
+    """
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        # absl's logger falls to WARNING (its verbosity flag's default) when TensorFlow first reads absl's
+        # flags, in the SavedModel export; the flag set here is what that applies instead.
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.DEBUG)
+    handler = _BarAwareHandler(sys.stderr) if sys.stderr.isatty() else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    if not verbose:
+        handler.addFilter(_QuietLibraries())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def _nvidia_driver_present() -> bool:
+    return any(p.exists() for p in _NVIDIA_DRIVER)
+
+
+def is_native_notice(line: bytes, *, driver: bool) -> bool:
+    """A C++ start-up line that says nothing to a user. A failed cuInit is noise on a machine without an
+    NVIDIA driver (TensorFlow probes CUDA everywhere) and kept where a driver is there: then it is real."""
+    return bool(_NATIVE_NOTICE.match(line)) or (not driver and bool(_CUINIT_FAILED.match(line)))
+
+
+@contextlib.contextmanager
+def _filtered_stderr(drop: Callable[[bytes], bool]) -> Iterator[None]:
+    """File descriptor 2 through a pipe whose lines are forwarded at once unless `drop` says so.
+
+    The C++ runtime writes to the descriptor, not to sys.stderr. Scoped to TensorFlow's start-up: a
+    line still in the pipe when the process dies (a C++ CHECK failure aborts) would be lost.
+    """
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as src, os.fdopen(os.dup(original), "wb", buffering=0) as dst:
+            for line in src:
+                if not drop(line):
+                    dst.write(line)
+
+    pump = threading.Thread(target=forward, name="tljob-stderr-filter", daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last write end: the pump reads to its end and stops
+        os.close(original)
+        pump.join()
+
+
+def import_tensorflow() -> None:
+    """Imports TensorFlow and lets it probe its devices (where cuInit fails on a CPU machine), with the
+    C++ start-up notices left out of stderr unless verbose. Listing physical devices does not initialise
+    the runtime: a distribution strategy can still configure it afterwards."""
+    if _verbose or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401 - the import is the point
+        return
+    driver = _nvidia_driver_present()
+    with _filtered_stderr(functools.partial(is_native_notice, driver=driver)):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+@contextlib.contextmanager
+def keras_messages_to_log() -> Iterator[None]:
+    """tf-keras's messages (the SavedModel export's listing of every endpoint's TensorSpecs, hundreds of
+    lines) go to absl's logger at INFO instead of stdout: shown with -v only. The switch is per thread."""
+    import tf_keras
+
+    was = tf_keras.utils.is_interactive_logging_enabled()
+    tf_keras.utils.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if was:
+            tf_keras.utils.enable_interactive_logging()
+
+
+# ----------------------------------------------------------------------------- progress bar
+
+
+def progress_bar(*, phase: str, steps: int, total_epochs: int, global_batch: int, chief: bool) -> list[Any]:
+    """The per-epoch bar as a Keras callback, for the chief when stderr is a terminal; else none (a pod's
+    log gets the one line per epoch of the trainer). Only the chief: workers sharing a terminal (a local
+    multi-worker run) would draw over each other's bars, and every worker's bar would show the same steps."""
+    if not (chief and sys.stderr.isatty()):
+        return []
+    return [_bar_callback_class()(phase=phase, steps=steps, total_epochs=total_epochs, global_batch=global_batch)]
+
+
+@functools.cache
+def _bar_callback_class() -> type:
+    # Built on first use: the class derives from Keras's Callback, and this module is imported before TensorFlow.
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    class EpochBar(tf.keras.callbacks.Callback):
+        """One bar per epoch: steps, images/s, loss and the run's ETA; cleared at the epoch's end, where the
+        trainer logs the epoch's line."""
+
+        def __init__(self, *, phase: str, steps: int, total_epochs: int, global_batch: int):
+            super().__init__()
+            self.phase = phase
+            self.steps = steps
+            self.total_epochs = total_epochs
+            self.global_batch = global_batch
+            self._bar: tqdm | None = None
+            self._epoch = 0
+            self._epoch_start = 0.0
+            self._durations: list[float] = []
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._epoch = epoch
+            self._epoch_start = time.perf_counter()
+            self._bar = tqdm(total=self.steps, desc=f"{self.phase} epoch {epoch + 1}/{self.total_epochs}",
+                             file=sys.stderr, leave=False, dynamic_ncols=True,
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}")
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if self._bar is None:
+                return
+            done = batch + 1  # with steps_per_execution N, `batch` is the last of the N steps just run
+            elapsed = time.perf_counter() - self._epoch_start
+            rate = done / elapsed  # steps per second in this epoch so far
+            epoch_s = sum(self._durations[-3:]) / len(self._durations[-3:]) if self._durations else self.steps / rate
+            eta = (self.steps - done) / rate + epoch_s * (self.total_epochs - self._epoch - 1)
+            loss = (logs or {}).get("loss")
+            self._bar.set_postfix_str(
+                f"{rate * self.global_batch:.0f} img/s" + (f", loss {float(loss):.4f}" if loss is not None else "")
+                + f", run ETA {dt.timedelta(seconds=round(eta))}", refresh=False)
+            self._bar.update(done - self._bar.n)
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            # Validation has run by now (fit's, or cached validation's callback, which comes first).
+            self._durations.append(time.perf_counter() - self._epoch_start)
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+        def on_train_end(self, logs: dict | None = None) -> None:
+            if self._bar is not None:  # fit stopped mid-epoch (SIGTERM): leave the terminal clean
+                self._bar.close()
+                self._bar = None
+
+    return EpochBar
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _figures(record: dict, prefix: str = "") -> str:
+    return " ".join(f"{k}={record[prefix + k]:.4f}" for k in ("loss", "accuracy") if prefix + k in record)
+
+
+def summary_lines(output: str, metrics: dict, history: list[dict]) -> list[str]:
+    """The end of a run in a few lines (pure): where it is, each phase's last-epoch metrics and epoch time,
+    the test metrics, bad files. metrics is what metrics.json holds; history what history.json holds."""
+    lines = [f"summary of run {output} (model/, metrics.json, history.json, curves.png there):"]
+    for phase in dict.fromkeys(h["phase"] for h in history):
+        recs = [h for h in history if h["phase"] == phase]
+        last = recs[-1]
+        seconds = sum(h.get("seconds", 0.0) for h in recs)
+        lines.append(f"  {phase}: epochs {recs[0]['epoch']}-{last['epoch']} in {seconds:.1f} s, "
+                     f"train {_figures(last)}, validation {_figures(last, 'val_') or '-'}")
+    test = metrics.get("test") or {}
+    lines.append(f"  test: {_figures(test, 'test_') or 'no test split'}")
+    bad = metrics.get("bad_file_names") or []
+    named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more (metrics.json)" if len(bad) > 3 else "")
+    lines.append(f"  bad files: {len(bad)} of {metrics.get('total_files')}" + (f": {named}" if bad else ""))
+    return lines
+
+
+def log_summary(output: str, metrics: dict, history: list[dict]) -> None:
+    for line in summary_lines(output, metrics, history):
+        log.info("%s", line)
