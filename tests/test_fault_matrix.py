@@ -36,7 +36,8 @@ UNINTERRUPTED = [(e, "feature_extraction") for e in range(1, FE + 1)] + [
 DEADLINE_S = 10  # TLJOB_STORAGE_DEADLINE_S of the workers in the storage cases
 OUTAGE_S = 2.5  # longer than the first retries (0.5 s, 1 s), well within the deadline
 # Files only the final publish writes: present in the bucket only when complete, whatever stops the publish.
-FINAL = ("model/", "metrics.json", "metadata.json", "curves.png", "params.yaml")
+# (params.yaml is not among them: it is written when training starts.)
+FINAL = ("model/", "metrics.json", "metadata.json", "curves.png", "evaluation.json", "confusion.png")
 
 
 def phases(out: Path | str) -> list[tuple[int, str]]:
