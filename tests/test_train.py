@@ -207,7 +207,7 @@ def test_batch_larger_than_the_training_set_is_a_config_error(tmp_path: Path) ->
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, gcs_bucket: str) -> None:
-    from tljob import storage
+    from tljob import rundir, storage
 
     run = gcs_bucket + "/runs/resume"
     base = ("train", "--config", DRY_RUN, "--output", run, "--set", "train.feature_extraction.epochs=2",
@@ -222,7 +222,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, gcs_bucket: str
     # backup's upload and leave the bucket a partial checkpoint (noticed, left to the faults work).
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == EXIT_RETRYABLE
-    assert not storage.is_finished(run)
+    assert not rundir.is_finished(run)
     # Written (and uploaded) when training started, not only at the end.
     assert "epochs: 2" in storage.read_text(run + "/params.yaml")
     # A fresh pod (another staging dir) with other epochs, data and learning rate: refused before any training.

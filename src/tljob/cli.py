@@ -31,7 +31,7 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tljob import storage  # no TensorFlow in these: config errors come back fast
     from tljob.config import load_config, to_yaml
-    from tljob.layout import RunLayout, vertex_run  # Vertex AI's AIP_* folders when no --output is given
+    from tljob.rundir import RunLayout, vertex_run  # Vertex AI's AIP_* folders when no --output is given
 
     # Through storage: users keep job configs in buckets (--config gs://bucket/job.yaml).
     cfg = load_config(args.config, args.set, read=storage.read_text)

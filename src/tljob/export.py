@@ -1,11 +1,11 @@
-"""A run's artifacts: history, curves, metrics, metadata, the exported model, and the status file.
+"""A run's final artifacts: the curves plot, the metadata record, and the exported model.
 
-Everything here writes into the run's local staging directory; `storage.publish` makes it visible.
+Everything here writes into the run's local staging directory (names from tljob.rundir);
+`rundir.publish` makes it visible.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
@@ -17,28 +17,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display in pods or CI
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
+from tljob.rundir import KERAS_FILE, SAVED_MODEL_DIR
+
 log = logging.getLogger(__name__)
-
-HISTORY = "history.json"
-METRICS = "metrics.json"
-METADATA = "metadata.json"
-CURVES = "curves.png"
-PARAMS = "params.yaml"
-STATUS = "status.json"
-KERAS_FILE = "model.keras"
-SAVED_MODEL_DIR = "saved_model"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic local write: a reader (or an upload) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else default
 
 
 def plot_curves(history: list[dict], path: Path, fine_tune_start: int | None) -> None:

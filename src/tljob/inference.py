@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from tljob import data, export, storage
+from tljob import data, rundir, storage
 from tljob.config import DataConfig
 from tljob.errors import ConfigError
-from tljob.model import load_exported
 
 log = logging.getLogger(__name__)
 
 
-def load_metadata(model_dir: str) -> dict:
-    """metadata.json sits beside model/ in the run directory."""
-    run_dir = model_dir.rstrip("/").rsplit("/", 1)[0] if "/" in model_dir.rstrip("/") else "."
-    path = storage.join(run_dir, export.METADATA)
+def load_exported(model_dir: str) -> tf.keras.Model:
+    """Loads the Keras file of a run's model folder (local or gs://)."""
+    path = storage.join(model_dir, rundir.KERAS_FILE)
     if not storage.exists(path):
-        raise ConfigError(f"--model {model_dir}: {path} not found. Fix: point at <run>/model of a finished run.")
-    return json.loads(storage.read_text(path))
+        raise ConfigError(f"--model {model_dir}: no {rundir.KERAS_FILE} inside. Fix: point at a finished run's "
+                          f"model/ directory.")
+    if not storage.is_remote(path):
+        return tf.keras.models.load_model(path)
+    # Keras loads from a local file only; the copy is not needed once the model is in memory.
+    with tempfile.TemporaryDirectory(prefix="tljob-model-") as tmp:
+        local = Path(tmp) / rundir.KERAS_FILE
+        local.write_bytes(storage.read_bytes(path))
+        return tf.keras.models.load_model(str(local))
 
 
 def interpret(probs: np.ndarray, class_names: list[str]) -> tuple[str, float]:
@@ -38,7 +43,7 @@ def interpret(probs: np.ndarray, class_names: list[str]) -> tuple[str, float]:
 
 def predict(model_dir: str, images: list[str]) -> Iterator[dict]:
     """One dict per image: path, class, probability (or the error for a file that does not decode)."""
-    meta = load_metadata(model_dir)
+    meta = rundir.read_metadata(model_dir)
     model = load_exported(model_dir)
     size = int(meta["image_size"])
     for path, image in data.iter_image_files(images):
@@ -55,7 +60,7 @@ def evaluate(model_dir: str, data_path: str, *, source: str, batch_size: int) ->
     """Metrics of the exported model on a labelled folder or TFRecord directory."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: use a positive batch size.")
-    meta = load_metadata(model_dir)
+    meta = rundir.read_metadata(model_dir)
     model = load_exported(model_dir)
     cfg = DataConfig(source=source, train=data_path, validation=None, test=None,
                      image_size=int(meta["image_size"]), batch_size=batch_size, max_bad_fraction=0.99)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +185,3 @@ def compile_for_phase(model: tf.keras.Model, phase: PhaseConfig, learning_rate: 
     loss, metrics = loss_and_metrics(num_classes)
     model.compile(optimizer=make_optimizer(phase, learning_rate), loss=loss, metrics=metrics,
                   steps_per_execution=steps_per_execution)
-
-
-def load_exported(model_dir: str) -> tf.keras.Model:
-    """Loads `model/model.keras` from a run (local or gs://)."""
-    path = storage.join(model_dir, "model.keras")
-    if not storage.exists(path):
-        raise ConfigError(f"--model {model_dir}: no model.keras inside. Fix: point at a finished run's model/ directory.")
-    if storage.is_remote(path):
-        local = Path(tempfile.mkdtemp(prefix="tljob-model-")) / "model.keras"
-        local.write_bytes(storage.read_bytes(path))
-        path = str(local)
-    return tf.keras.models.load_model(path)

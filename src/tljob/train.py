@@ -4,14 +4,8 @@ Runs on every worker. All workers execute the same program (the collectives need
 writes the run's files. Non-chief workers write what the collectives force them to write (backups,
 exports) into temporary directories that are removed again.
 
-Run directory (staged locally; `output` may be gs://, mirrored from the staging directory), with the
-folders of tljob.layout (Vertex AI's under a custom job) for the model, backups and logs:
-  backup/<phase>/                  BackupAndRestore state while a phase runs (removed when it completes)
-  checkpoints/<phase>.weights.h5   weights at the end of each finished phase
-  state.json                       which phases are finished
-  params.yaml                      the config, from the start of training (a resumed run is checked against it)
-  history.json, status.json, logs/ (TensorBoard) during the run; at the end model/, metrics.json,
-  curves.png, metadata.json, and _SUCCESS last.
+The run directory (its files: tljob.rundir) is staged locally and, for a gs:// `output`, mirrored from the
+staging directory.
 """
 
 from __future__ import annotations
@@ -30,16 +24,14 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from tljob import cluster, config, data, export, fastval, faults, model as model_lib, storage
-from tljob.config import JobConfig, PhaseConfig, digest, to_yaml
+from tljob import cluster, data, export, fastval, faults, model as model_lib, rundir, storage
+from tljob.config import JobConfig, PhaseConfig, digest
 from tljob.errors import EXIT_OK, ConfigError, RetryableError
-from tljob.layout import RunLayout
+from tljob.rundir import RunLayout
 
 log = logging.getLogger(__name__)
 
 PHASES = ("feature_extraction", "fine_tuning")
-STATE = "state.json"
-CHECKPOINTS = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +113,6 @@ def weights_digest(weights: list[np.ndarray]) -> str:
     return digest_.hexdigest()[:16]
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
 # ----------------------------------------------------------------------------- entry
 
 
@@ -135,10 +123,10 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     spec = cluster.resolve_cluster(os.environ)
     log.info("cluster: %s", spec.describe())
     storage.preflight(cfg.output)
-    if storage.is_finished(cfg.output):
-        log.info("run %s is already finished (_SUCCESS exists): not retraining", cfg.output)
+    if rundir.is_finished(cfg.output):
+        log.info("run %s is already finished (%s exists): not retraining", cfg.output, rundir.SUCCESS)
         return EXIT_OK
-    check_resumed_config(cfg, cfg.output)
+    rundir.check_resumed(cfg, cfg.output)
     cluster.apply_cluster_env(spec, os.environ)
     # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
     strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
@@ -166,28 +154,6 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
                 f"the cluster broke ({type(exc).__name__}: {str(exc).splitlines()[0]}); restart all workers "
                 f"with the same command to resume from the last backup") from exc
         raise
-
-
-def check_resumed_config(cfg: JobConfig, output: str) -> None:
-    """ConfigError when `output` is an unfinished run that started training with another config than `cfg`.
-
-    Runs on every worker, before anything is built, reading the run's params.yaml from the output itself
-    (the bucket for gs:// outputs): all workers refuse alike. Keys safe to change on resume:
-    config.SAFE_ON_RESUME_SECTIONS and config.SAFE_ON_RESUME_KEYS.
-    """
-    params = storage.join(output, export.PARAMS)
-    try:
-        saved = storage.read_text(params)
-    except FileNotFoundError:
-        return  # training never started there: a new run, or one stopped by a config or data error
-    changes = config.changes_on_resume(saved, params, cfg)
-    if changes:
-        safe = ", ".join([f"{s}.*" for s in config.SAFE_ON_RESUME_SECTIONS] + list(config.SAFE_ON_RESUME_KEYS))
-        raise ConfigError(
-            f"{output} is an unfinished run that started with another config; resuming would continue it with "
-            f"the new values mixed in. Changed: {'; '.join(changes)}. Fix: resume with the values in {params}, or "
-            f"start a new run with another --output (or delete {output} to start over). Safe to change when "
-            f"resuming: {safe}.")
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -364,10 +330,11 @@ class Trainer:
         self.cfg = ctx.cfg
         self.strategy = strategy
         self.mirror = storage.Mirror(str(ctx.staging), self.cfg.output)
+        self.files = rundir.RunFiles(ctx.staging)
         self.history: list[dict] = []
         self.attempt = 1
         self.attempt_first_epochs: dict[str, int] = {}
-        self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.started_at = rundir.now()
         self.ends = phase_epochs(self.cfg)
         self.total_epochs = self.ends["fine_tuning"][1]
         self.watchdog = faults.Watchdog(self.cfg.runtime.peer_timeout_s)
@@ -404,44 +371,42 @@ class Trainer:
         """Brings the bucket's copy of an unfinished run to local disk; returns the finished phases."""
         self.ctx.staging.mkdir(parents=True, exist_ok=True)
         self.mirror.pull()
-        self.history = export.read_json(self._path(export.HISTORY), [])
-        state = export.read_json(self._path(STATE), {})
-        self.attempt = int(state.get("attempts", 0)) + 1
-        done = list(state.get("completed_phases", []))
+        self.history = self.files.history()
+        state = self.files.state()
+        self.attempt = state.attempts + 1
+        done = list(state.completed_phases)
         if self.history or done:
             log.info("resuming: finished phases %s, %d epochs recorded, attempt %d", done or "none",
                      len(self.history), self.attempt)
         if self.ctx.is_chief:
-            export.write_json(self._path(STATE), {**state, "attempts": self.attempt})
+            self.files.write_state(dataclasses.replace(state, attempts=self.attempt))
             # At once, not with the next phase's end: an attempt that dies before then still counts.
-            self.mirror.push_file(STATE)
+            self.mirror.push_file(rundir.STATE)
         return done
 
     def _mark_phase_done(self, phase: str, done: list[str]) -> None:
         done.append(phase)
         if self.ctx.is_chief:
-            state = export.read_json(self._path(STATE), {})
-            export.write_json(self._path(STATE), {**state, "completed_phases": done})
+            self.files.write_state(rundir.State(self.attempt, tuple(done)))
             self._upload("the run's state", self.mirror.push)
 
     def on_epoch_recorded(self, record: dict) -> None:
-        metrics = {k: v for k, v in record.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+        metrics = {k: record[k] for k in rundir.METRIC_KEYS if k in record}
         eta = eta_seconds(self.history, self.total_epochs)
         log.info("phase=%s epoch %d/%d %s %.1f img/s ETA %s", record["phase"], record["epoch"], self.total_epochs,
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), record["images_per_second"],
                  dt.timedelta(seconds=round(eta)))
         if not self.ctx.is_chief:
             return
-        export.write_json(self._path(export.HISTORY), self.history)
-        export.write_json(self._path(export.STATUS), {
-            "state": "running", "phase": record["phase"], "epoch": record["epoch"],
-            "total_epochs": self.total_epochs, "metrics": metrics,
-            "images_per_second": record["images_per_second"], "eta_s": round(eta, 1),
-            "updated_at": _now(), "started_at": self.started_at, "name": self.cfg.name,
-            "num_workers": self.ctx.spec.num_workers,
-        })
-        self._upload("history and status", lambda: (self.mirror.push_file(export.HISTORY),
-                                                    self.mirror.push_file(export.STATUS)))
+        self.files.write_history(self.history)
+        self._write_status("running", eta)
+        self._upload("history and status", lambda: (self.mirror.push_file(rundir.HISTORY),
+                                                    self.mirror.push_file(rundir.STATUS)))
+
+    def _write_status(self, state: str, eta_s: float) -> None:
+        self.files.write_status(rundir.Status.after(
+            self.history, state=state, eta_s=eta_s, total_epochs=self.total_epochs, started_at=self.started_at,
+            name=self.cfg.name, num_workers=self.ctx.spec.num_workers))
 
     # -- the run
 
@@ -483,12 +448,12 @@ class Trainer:
                     model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
         if self.ctx.is_chief:
             # When training starts (its data and model are ready), not only at the end: a resumed run is checked
-            # against it (check_resumed_config). Rewritten each attempt, with the safe keys' new values.
-            storage.write_text(str(self._path(export.PARAMS)), to_yaml(self.cfg))
-            self.mirror.push_file(export.PARAMS)
+            # against it (rundir.check_resumed). Rewritten each attempt, with the safe keys' new values.
+            self.files.write_params(self.cfg)
+            self.mirror.push_file(rundir.PARAMS)
         for phase in PHASES:
             phase_cfg = getattr(self.cfg.train, phase)
-            ckpt = self._path(CHECKPOINTS, f"{phase}.weights.h5")
+            ckpt = self._path(rundir.CHECKPOINTS, f"{phase}.weights.h5")
             if phase == "fine_tuning":
                 with self.strategy.scope():
                     model_lib.unfreeze_from(model, self.cfg.train.fine_tuning.fine_tune_at)
@@ -582,10 +547,10 @@ class Trainer:
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
         # Every worker saves (under a multi-worker strategy a save may run collectives that all must join);
         # non-chiefs to a temp dir.
-        target = self._write_dir(CHECKPOINTS)
+        target = self._write_dir(rundir.CHECKPOINTS)
         target.mkdir(parents=True, exist_ok=True)
         model.save_weights(str(target / f"{phase}.weights.h5"))
-        self._cleanup_worker_dir(target, CHECKPOINTS)
+        self._cleanup_worker_dir(target, rundir.CHECKPOINTS)
 
     def _finish(self, model: tf.keras.Model, ds: data.Dataset) -> int:
         workers = self.ctx.spec.num_workers
@@ -610,7 +575,7 @@ class Trainer:
         with self.watchdog.working("publish", collectives=False):
             # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
             storage.remove_tree(storage.join(self.cfg.output or "", self.ctx.layout.backup))
-            listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
+            listing = self.files.publish(self.cfg.output or "")
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
 
@@ -652,20 +617,13 @@ class Trainer:
             "num_workers": ctx.spec.num_workers,
             "replicas": ctx.replicas,
         }
-        export.write_json(self._path(export.METRICS), metrics)
-        export.write_json(self._path(export.HISTORY), self.history)
+        self.files.write_json(rundir.METRICS, metrics)
+        self.files.write_history(self.history)
         p1_end = self.ends["feature_extraction"][1]
-        export.plot_curves(self.history, self._path(export.CURVES),
+        export.plot_curves(self.history, self._path(rundir.CURVES),
                            p1_end if cfg.train.fine_tuning.epochs and p1_end else None)
-        export.write_json(self._path(export.METADATA), export.metadata(
+        self.files.write_json(rundir.METADATA, export.metadata(
             class_names=ds.class_names, image_size=cfg.data.image_size, config_digest=digest(cfg),
             num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch))
-        last = self.history[-1] if self.history else {}
-        export.write_json(self._path(export.STATUS), {
-            "state": "succeeded", "phase": last.get("phase"), "epoch": last.get("epoch"),
-            "total_epochs": self.total_epochs,
-            "metrics": {k: v for k, v in last.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")},
-            "images_per_second": last.get("images_per_second"), "eta_s": 0.0, "updated_at": _now(),
-            "started_at": self.started_at, "name": cfg.name, "num_workers": ctx.spec.num_workers,
-        })
+        self._write_status("succeeded", 0.0)
         log.info("metrics: %s", {k: metrics[k] for k in ("phases", "test", "images_per_second", "bad_files")})
