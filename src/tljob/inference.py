@@ -50,8 +50,7 @@ def predict(model_dir: str, images: list[str]) -> Iterator[dict]:
         if image is None:
             yield {"path": path, "error": "not a decodable image"}
             continue
-        resized = tf.image.resize(image, (size, size), method="bilinear")
-        batch = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.float32)[None]
+        batch = tf.cast(data.resize_image(image, size), tf.float32)[None]
         name, prob = interpret(model.predict(batch, verbose=0)[0], meta["class_names"])
         yield {"path": path, "class": name, "probability": round(prob, 6)}
 
@@ -64,10 +63,13 @@ def evaluate(model_dir: str, data_path: str, *, source: str, batch_size: int) ->
     model = load_exported(model_dir)
     cfg = DataConfig(source=source, train=data_path, validation=None, test=None,
                      image_size=int(meta["image_size"]), batch_size=batch_size, max_bad_fraction=0.99)
-    ds = data.load_dataset(cfg, seed=0, cache_dir=tempfile.mkdtemp(prefix="tljob-eval-"))
-    if ds.class_names != meta["class_names"]:
-        raise ConfigError(f"--data {data_path}: classes {ds.class_names} differ from the model's {meta['class_names']}.")
-    out = model.evaluate(data.eval_pipeline(ds.train, global_batch=batch_size, num_workers=1),
-                         return_dict=True, verbose=0)
+    # The staged inputs and any disk cache live until the evaluation has read them, then go.
+    with tempfile.TemporaryDirectory(prefix="tljob-eval-") as cache_dir:
+        ds = data.load_dataset(cfg, seed=0, cache_dir=cache_dir)
+        if ds.class_names != meta["class_names"]:
+            raise ConfigError(f"--data {data_path}: classes {ds.class_names} differ from the model's "
+                              f"{meta['class_names']}.")
+        out = model.evaluate(data.eval_pipeline(ds.train, global_batch=batch_size, num_workers=1),
+                             return_dict=True, verbose=0)
     return {**{k: float(v) for k, v in out.items()}, "examples": ds.train.num_examples,
             "bad_files": len(ds.bad_files)}

@@ -284,7 +284,6 @@ class Progress(tf.keras.callbacks.Callback):
             # The first epoch of this attempt: anything recorded for it or later is being redone.
             self._first = False
             self.t.history = trim_history(self.t.history, epoch)
-            self.t.attempt_first_epochs[self.phase] = epoch + 1
         self._epoch_start = time.perf_counter()
         self._train_seconds = 0.0
 
@@ -333,7 +332,6 @@ class Trainer:
         self.files = rundir.RunFiles(ctx.staging)
         self.history: list[dict] = []
         self.attempt = 1
-        self.attempt_first_epochs: dict[str, int] = {}
         self.started_at = rundir.now()
         self.ends = phase_epochs(self.cfg)
         self.total_epochs = self.ends["fine_tuning"][1]
