@@ -1,4 +1,4 @@
-"""What a run is: the two phases, their callbacks, resume, and publishing the result.
+"""What a run is: the two phases, resume, and publishing the result (the callbacks: tljob.callbacks).
 
 Runs on every worker. All workers execute the same program (the collectives need it); only the chief
 writes the run's files. Non-chief workers write what the collectives force them to write (backups,
@@ -17,16 +17,15 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from tljob import cluster, data, export, fastval, faults, model as model_lib, rundir, storage
+from tljob import callbacks, cluster, data, export, fastval, faults, model as model_lib, policy, rundir, storage
 from tljob.config import JobConfig, PhaseConfig, digest
-from tljob.errors import EXIT_OK, ConfigError, RetryableError
+from tljob.errors import EXIT_OK, RetryableError
 from tljob.rundir import RunLayout
 
 log = logging.getLogger(__name__)
@@ -47,13 +46,7 @@ class RunContext:
     layout: RunLayout  # where the model, backups and logs go in the run directory
 
 
-# ----------------------------------------------------------------------------- pure policy
-
-
-def phase_epochs(cfg: JobConfig) -> dict[str, tuple[int, int]]:
-    """(initial_epoch, end_epoch) per phase; fine-tuning continues the epoch count."""
-    p1 = cfg.train.feature_extraction.epochs
-    return {"feature_extraction": (0, p1), "fine_tuning": (p1, p1 + cfg.train.fine_tuning.epochs)}
+# ----------------------------------------------------------------------------- paths
 
 
 def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
@@ -67,24 +60,6 @@ def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
     return root / "tljob-staging" / name / f"worker-{task_index}"
 
 
-def check_global_batch(num_examples: int, batch_size: int, replicas: int) -> None:
-    """ConfigError when the global batch is larger than the training set, before any training step.
-
-    The endless training stream would fill each batch with repeats of the same images, and a batch's
-    augmentation holds the whole batch as float images at once: far too large a batch ended in an
-    out-of-memory traceback (exit 1) instead of this message. With it, every epoch has a full batch.
-    """
-    global_batch = batch_size * replicas
-    if global_batch <= num_examples:
-        return
-    most = num_examples // replicas
-    fix = (f"set data.batch_size to at most {most}, or add training data" if most
-           else f"add training data: {replicas} replicas need at least {replicas} images")
-    raise ConfigError(
-        f"data.batch_size={batch_size}: the global batch ({batch_size} x {replicas} replicas = {global_batch}) is "
-        f"larger than the {num_examples} training images. Fix: {fix}.")
-
-
 def tfds_data_dir(output: str, data_dir: str | None) -> str | None:
     """data.data_dir, or for a gs:// run gs://BUCKET/tfds: one copy of each TFDS dataset that the chief prepares
     and every worker and restart of every run in the bucket reads (outside the run directory, which a restarted
@@ -92,18 +67,6 @@ def tfds_data_dir(output: str, data_dir: str | None) -> str | None:
     if data_dir is not None or not storage.is_remote(output):
         return data_dir
     return "gs://" + output.removeprefix("gs://").split("/", 1)[0] + "/tfds"
-
-
-def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
-    """Drops records of epochs that are about to run again (1-based `epoch` > 0-based `first_epoch`)."""
-    return [h for h in history if h["epoch"] <= first_epoch]
-
-
-def eta_seconds(history: list[dict], total_epochs: int) -> float:
-    done = [h for h in history if "seconds" in h]
-    if not done:
-        return 0.0
-    return sum(h["seconds"] for h in done[-3:]) / len(done[-3:]) * max(total_epochs - history[-1]["epoch"], 0)
 
 
 def weights_digest(weights: list[np.ndarray]) -> str:
@@ -136,7 +99,8 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         cfg=cfg,
         spec=spec,
         replicas=replicas,
-        global_batch=cluster.global_batch_size(cfg.data.batch_size, replicas),
+        # Each replica takes data.batch_size examples per step; the step's gradient averages all of them.
+        global_batch=cfg.data.batch_size * replicas,
         staging=staging_dir(cfg.output, cfg.runtime.staging_dir, spec.task_index),
         is_chief=cluster.is_chief(strategy),
         layout=layout,
@@ -156,168 +120,6 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         raise
 
 
-# ----------------------------------------------------------------------------- callbacks
-
-
-class RunBackup(tf.keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that also backs up at epoch end with step bookkeeping, on demand (SIGTERM),
-    and hands every saved backup to `on_saved` (the chief uploads it to the bucket).
-
-    Keras only resumes mid-epoch when `save_freq` is an int, so the parent always gets an int (never
-    reached when no step backups are wanted) and epoch-end backups are made here. The step a backup
-    records is the last one finished (the parent records the first step of the running execution,
-    which with `steps_per_execution` N > 1 would redo N - 1 steps on resume, and at an epoch end make
-    a restore run the epoch's last steps again). Every save is a stage with collectives for the watchdog.
-    """
-
-    _NEVER = 2**62
-
-    def __init__(self, backup_dir: str, every_steps: int | None, on_saved: Any, watchdog: faults.Watchdog):
-        super().__init__(backup_dir, save_freq=every_steps or self._NEVER, delete_checkpoint=True)
-        self._on_saved = on_saved
-        self._watchdog = watchdog
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        """The step is recorded when it has finished (on_train_batch_end), not when it starts."""
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        # `batch` is the last step the execution ran: a restore continues with the one after it.
-        self._training_state._ckpt_saved_batch.assign(batch)
-        super().on_train_batch_end(batch, logs)
-
-    def _backup(self, epoch: int, batch: int = 0) -> None:
-        with self._watchdog.working("backup", collectives=True):
-            super()._backup(epoch=epoch, batch=batch)
-            self._on_saved()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        # _ckpt_saved_batch holds the epoch's last step here, so a restore starts the next epoch.
-        self._backup(epoch=epoch)
-
-    def backup_now(self) -> None:
-        """Saves at the last finished step (on_train_batch_end recorded it); a restore continues with the next."""
-        self._backup(epoch=self._current_epoch)
-
-
-class FaultCallback(tf.keras.callbacks.Callback):
-    """Feeds the watchdog from fit's batch ends and turns a termination request into a backup + exit 75.
-
-    Runs on every worker. While fit trains, the watchdog's stage is "training": every batch end (train
-    and validation) and epoch boundary beats, and `peer_timeout_s` without a beat means a dead or frozen
-    peer. The first training step and the first validation step trace and compile their step function,
-    which contains collectives: each is a stage of its own with the bounded allowance.
-    """
-
-    def __init__(self, watchdog: faults.Watchdog, stop: faults.StopCheck, on_terminate: Any):
-        super().__init__()
-        self.watchdog = watchdog
-        self.stop = stop
-        self.on_terminate = on_terminate
-        self._training: int | None = None
-        self._tracing: int | None = None
-        self._traced: set[str] = set()
-
-    def _enter_tracing(self, what: str) -> None:
-        if what not in self._traced:
-            self._traced.add(what)
-            self._tracing = self.watchdog.enter(f"first {what} step (tracing)", self.watchdog.allowance_s)
-
-    def _leave_tracing(self) -> None:
-        if self._tracing is not None:
-            self.watchdog.leave(self._tracing)
-            self._tracing = None
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self._training = self.watchdog.enter("training", self.watchdog.timeout_s)
-        self._enter_tracing("training")
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        if self._training is not None:
-            self.watchdog.leave(self._training)
-            self._training = self._tracing = None
-
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        self._enter_tracing("validation")
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.watchdog.beat()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.watchdog.beat()
-
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._leave_tracing()
-        self.watchdog.beat()
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._leave_tracing()
-        self.watchdog.beat()
-        if self.stop.should_stop():
-            log.warning("termination requested (SIGTERM here or on a peer) at batch %d: saving a backup", batch)
-            self.on_terminate()
-            raise RetryableError(
-                f"stopped at batch {batch} after SIGTERM (here or on a peer); the backup is saved and a "
-                "restarted job resumes from it"
-            )
-
-
-class Progress(tf.keras.callbacks.Callback):
-    """Per-epoch bookkeeping on every worker; the chief logs, records history and status, and syncs."""
-
-    def __init__(self, trainer: "Trainer", phase: str, steps: int,
-                 cached_validation: fastval.CachedValidation | None = None):
-        super().__init__()
-        self.t = trainer
-        self.phase = phase
-        self.steps = steps
-        self.cached_validation = cached_validation
-        self._epoch_start = 0.0
-        self._train_seconds = 0.0
-        self._first = True
-
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        # Validation runs inside the epoch; images per second counts training steps only.
-        self._train_seconds = time.perf_counter() - self._epoch_start
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        if self._first:
-            # The first epoch of this attempt: anything recorded for it or later is being redone.
-            self._first = False
-            self.t.history = trim_history(self.t.history, epoch)
-        self._epoch_start = time.perf_counter()
-        self._train_seconds = 0.0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self._epoch_start
-        # fit's own validation is timed from on_test_begin; cached validation reports its own duration.
-        train_seconds = self._train_seconds or seconds - (
-            self.cached_validation.last_seconds if self.cached_validation else 0.0)
-        record = {"epoch": epoch + 1, "phase": self.phase}
-        record.update({k: float(v) for k, v in (logs or {}).items()})
-        record.update(seconds=round(seconds, 3),
-                      images_per_second=round(self.steps * self.t.ctx.global_batch / train_seconds, 1),
-                      global_batch_size=self.t.ctx.global_batch, replicas=self.t.ctx.replicas,
-                      num_workers=self.t.ctx.spec.num_workers, attempt=self.t.attempt)
-        self.t.history.append(record)
-        self.t.on_epoch_recorded(record)
-
-
-class FileSync(tf.keras.callbacks.Callback):
-    """Chief only: uploads TensorBoard logs at most every `every_s` seconds (gs:// outputs)."""
-
-    def __init__(self, mirror: storage.Mirror, logs: str, every_s: float):
-        super().__init__()
-        self.mirror = mirror
-        self.logs = logs
-        self.every_s = every_s
-        self._last = time.monotonic()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if time.monotonic() - self._last >= self.every_s:
-            self.mirror.push(self.logs)
-            self._last = time.monotonic()
-
-
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -333,7 +135,7 @@ class Trainer:
         self.history: list[dict] = []
         self.attempt = 1
         self.started_at = rundir.now()
-        self.ends = phase_epochs(self.cfg)
+        self.ends = policy.phase_epochs(self.cfg)
         self.total_epochs = self.ends["fine_tuning"][1]
         self.watchdog = faults.Watchdog(self.cfg.runtime.peer_timeout_s)
         self.termination = faults.GracefulTermination(self.cfg.runtime.termination_grace_s)
@@ -390,7 +192,7 @@ class Trainer:
 
     def on_epoch_recorded(self, record: dict) -> None:
         metrics = {k: record[k] for k in rundir.METRIC_KEYS if k in record}
-        eta = eta_seconds(self.history, self.total_epochs)
+        eta = policy.eta_seconds(self.history, self.total_epochs)
         log.info("phase=%s epoch %d/%d %s %.1f img/s ETA %s", record["phase"], record["epoch"], self.total_epochs,
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), record["images_per_second"],
                  dt.timedelta(seconds=round(eta)))
@@ -424,7 +226,7 @@ class Trainer:
         with self.watchdog.working("loading data (decode pass)", collectives=False):
             ds = data.load_dataset(data_cfg, seed=self.cfg.seed, cache_dir=cache_dir, chief=self.ctx.is_chief)
         workers = self.ctx.spec.num_workers
-        check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
+        policy.check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
             ds.train.num_examples, self.ctx.global_batch, drop_remainder=workers > 1)
         # One endless stream, `steps` batches per epoch: with a finite dataset Keras makes a new iterator
@@ -493,34 +295,29 @@ class Trainer:
         trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
         log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
-        backup = RunBackup(str(self._path(self.ctx.layout.backup, phase)), self.cfg.runtime.backup_every_steps,
-                           self._push_backup, self.watchdog)
         # After compile: the cached-validation split follows the layers' trainable flags of this phase.
         cached_validation, val_ds = self._validation(model, ds, val_ds)
-        callbacks: list[tf.keras.callbacks.Callback] = [
-            # First: the epoch's val_* metrics must be in `logs` before Progress and TensorBoard read them.
-            *([cached_validation] if cached_validation else []),
-            # History before backup at each epoch end: a crash between the two re-runs an epoch that
-            # history already has (trimmed on resume), never leaves a backed-up epoch out of history.
-            Progress(self, phase, steps, cached_validation),
-            backup,
+        ctx, runtime, logs = self.ctx, self.cfg.runtime, self.ctx.layout.logs
+        chief_remote = ctx.is_chief and storage.is_remote(self.cfg.output or "")
+        fit_callbacks = callbacks.make_callbacks(
+            phase=phase, steps=steps, global_batch=ctx.global_batch, history=self.history,
+            tags={"global_batch_size": ctx.global_batch, "replicas": ctx.replicas,
+                  "num_workers": ctx.spec.num_workers, "attempt": self.attempt}, on_record=self.on_epoch_recorded,
+            backup_dir=str(self._path(ctx.layout.backup, phase)), backup_every_steps=runtime.backup_every_steps,
+            on_backup_saved=self._push_backup, watchdog=self.watchdog, cached_validation=cached_validation,
             # Multi-worker: the SIGTERM agreement is an all-reduce (~3.5 ms on loopback), so not every batch.
-            FaultCallback(self.watchdog, faults.StopCheck(self.termination, self.agree, faults.calls_between_checks(
-                self.cfg.train.steps_per_execution, self.ctx.spec.num_workers)), backup.backup_now),
-        ]
-        if self.ctx.is_chief:
-            callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(self.ctx.layout.logs, phase)), update_freq="epoch"))
-            if storage.is_remote(self.cfg.output or ""):
-                callbacks.append(FileSync(self.mirror, self.ctx.layout.logs, self.cfg.runtime.log_sync_s))
-        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
-                  steps_per_epoch=steps,
-                  validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
+            stop=faults.StopCheck(self.termination, self.agree, faults.calls_between_checks(
+                self.cfg.train.steps_per_execution, ctx.spec.num_workers)),
+            tensorboard_dir=str(self._path(logs, phase)) if ctx.is_chief else None,
+            sync_logs=(lambda: self.mirror.push(logs)) if chief_remote else None, log_sync_s=runtime.log_sync_s)
+        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start, steps_per_epoch=steps,
+                  validation_steps=self.cfg.train.validation_steps, callbacks=fit_callbacks, verbose=0)
 
     def _compile(self, model: tf.keras.Model, phase_cfg: PhaseConfig, num_classes: int) -> float:
         """Compiles for a phase on every worker (the optimizer's variables are created in the strategy's
         scope); returns the learning rate."""
-        lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
-                                   self.cfg.train.reference_batch_size)
+        lr = policy.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
+                                  self.cfg.train.reference_batch_size)
         with self.strategy.scope():
             model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
                                         steps_per_execution=self.cfg.train.steps_per_execution)
