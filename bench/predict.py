@@ -42,25 +42,25 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[str]:
 
 
 def make_model(model_dir: Path) -> None:
-    from tljob import export, model as model_lib
+    from tljob import export, model as model_lib, rundir
     from tljob.config import ModelConfig
 
     model = model_lib.build_model(ModelConfig(weights="none", alpha=0.35), image_size=64, num_classes=2,
                                   cache_dir="")
     with contextlib.redirect_stdout(sys.stderr):  # Keras prints the SavedModel's endpoints: keep stdout JSON
         export.export_model(model, model_dir)
-    export.write_json(model_dir / export.METADATA, {"class_names": ["a", "b"], "image_size": 64})
+    rundir.RunFiles(model_dir).write_json(rundir.METADATA, {"class_names": ["a", "b"], "image_size": 64})
 
 
 def per_image(model_dir: str, paths: list[str]) -> tuple[list[dict], float]:
     """The loop `tljob predict` ran before: one file, one decode, one model call at a time."""
     import tensorflow as tf
 
-    from tljob import data, inference, report, storage
+    from tljob import data, report, rundir, storage
 
     t0 = time.perf_counter()
-    meta = inference.load_metadata(model_dir)
-    model = tf.keras.models.load_model(str(Path(model_dir) / "model.keras"))
+    meta = rundir.read_metadata(model_dir)
+    model = tf.keras.models.load_model(str(Path(model_dir) / rundir.KERAS_FILE))
     load_s = time.perf_counter() - t0
     rows = []
     for path in paths:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from bench import events
-from tljob import cli, train
+from tljob import callbacks, cli, train
 
 _phase: dict[str, str] = {"name": "?"}
 
@@ -48,7 +48,7 @@ def _allreduce_ms(model: tf.keras.Model, repeats: int) -> float:
 def _install() -> None:
     fit = tf.keras.Model.fit
     fit_phase = train.Trainer._fit_phase
-    backup = train.RunBackup._backup
+    backup = callbacks.RunBackup.backup_now
 
     def probed_fit(self: tf.keras.Model, *args: Any, callbacks: list | None = None, **kwargs: Any) -> Any:
         callbacks = [*(callbacks or []), events.make_callback(tf.keras.callbacks.Callback, _phase["name"])]
@@ -63,14 +63,14 @@ def _install() -> None:
                         parameters=int(sum(int(np.prod(v.shape)) for v in model.trainable_variables)))
         return result
 
-    def probed_backup(self: train.RunBackup, epoch: int, batch: int = 0) -> None:
+    def probed_backup(self: callbacks.RunBackup) -> None:
         start = time.perf_counter()
-        backup(self, epoch, batch)
+        backup(self)
         events.emit("backup", phase=_phase["name"], seconds=time.perf_counter() - start)
 
     tf.keras.Model.fit = probed_fit
     train.Trainer._fit_phase = probed_fit_phase
-    train.RunBackup._backup = probed_backup
+    callbacks.RunBackup.backup_now = probed_backup
 
 
 def main() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -16,8 +15,6 @@ from tljob.cluster import (
     ClusterSpec,
     apply_cluster_env,
     choose_strategy,
-    global_batch_size,
-    learning_rate,
     resolve_cluster,
 )
 from tljob.errors import ConfigError
@@ -281,18 +278,6 @@ def test_choose_strategy_inconsistent(strategy: str, communication: str, workers
         choose_strategy(strategy, communication, workers, gpus)
     for name in names:
         assert name in str(info.value)
-
-
-def test_batch_and_learning_rate_policy() -> None:
-    assert global_batch_size(32, 4) == 128
-    assert learning_rate(1e-4, "none", 128, 32) == 1e-4
-    assert learning_rate(1e-4, "linear", 128, 32) == pytest.approx(4e-4)
-    assert learning_rate(1e-4, "sqrt", 128, 32) == pytest.approx(2e-4)
-    assert math.isclose(learning_rate(1e-4, "linear", 16, 32), 5e-5)
-    for bad in (lambda: global_batch_size(0, 2), lambda: learning_rate(1e-4, "cubic", 64, 32),
-                lambda: learning_rate(1e-4, "linear", 64, 0)):
-        with pytest.raises(ConfigError, match="Fix:"):
-            bad()
 
 
 def test_resolution_does_not_import_tensorflow() -> None:

@@ -30,7 +30,7 @@ import yaml
 from fixtures_gcs import free_port
 from imagegen import make_image_folder
 from pods import IndexedJobPlayer, podman
-from tljob import storage
+from tljob import rundir, storage
 from tljob.errors import EXIT_RETRYABLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def test_sigkill_restarts_both_and_the_run_resumes_where_it_was(job_run: JobRun,
 
 
 def test_success_lists_every_object_in_the_bucket(job_run: JobRun, host_gcs: Gcs) -> None:
-    assert storage.is_finished(job_run.output)
+    assert rundir.is_finished(job_run.output)
     success = json.loads(storage.read_text(f"{job_run.output}/_SUCCESS"))
     listing = storage.list_files(job_run.output)
     assert set(success["files"]) == set(listing) - {"_SUCCESS"}

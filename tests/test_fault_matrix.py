@@ -22,7 +22,7 @@ import pytest
 from gcs_fault_proxy import FaultProxy
 from test_multiworker import (BOUND_S, DRY_RUN, SHORT, Workers, assert_chief_only_outputs, digests, history,
                               tf_config_envs, wait_until)
-from tljob import storage
+from tljob import rundir, storage
 from tljob.errors import EXIT_CONFIG, EXIT_OK, EXIT_RETRYABLE
 
 pytestmark = pytest.mark.multiworker
@@ -143,7 +143,7 @@ def test_storage_faults_sigterm_in_a_backup_and_sigkill_in_the_publish(
     upload_done = chief.index("upload of backup: finished in", sigterm)
     assert upload_done < chief.index("termination requested") < chief.index("stopped at batch")
     assert "termination requested" in workers.log(1)
-    assert not storage.is_finished(out)
+    assert not rundir.is_finished(out)
 
     # The endpoint down for longer than TLJOB_STORAGE_DEADLINE_S: the chief exits 75 at the deadline, the
     # other worker follows; nothing final is written.
@@ -156,7 +156,7 @@ def test_storage_faults_sigterm_in_a_backup_and_sigkill_in_the_publish(
     assert storage.DEADLINE_ENV in workers.log(0)
     fault_proxy.heal()
     listing = storage.list_files(out)
-    assert storage.SUCCESS_NAME not in listing and not final_objects(listing)
+    assert rundir.SUCCESS not in listing and not final_objects(listing)
 
     # SIGKILL of the chief in the middle of the final publish (stalled after its first model/ object).
     fault_proxy.clear_log()
@@ -168,7 +168,7 @@ def test_storage_faults_sigterm_in_a_backup_and_sigkill_in_the_publish(
     assert "the chief publishes the run" in workers.log(1)
     fault_proxy.heal()
     listing = storage.list_files(out)
-    assert storage.SUCCESS_NAME not in listing
+    assert rundir.SUCCESS not in listing
     staged = next((tmp_path / "tmp-0" / "tljob-staging").glob("*/worker-0"))
     assert final_objects(listing), "the kill must land inside the publish"
     for rel, size in final_objects(listing).items():
@@ -176,9 +176,9 @@ def test_storage_faults_sigterm_in_a_backup_and_sigkill_in_the_publish(
 
     # Restarted: the publish completes; _SUCCESS lists exactly the objects in the bucket.
     assert workers.start().wait() == [EXIT_OK, EXIT_OK], workers.logs()
-    assert storage.is_finished(out)
-    success = json.loads(storage.read_text(f"{out}/{storage.SUCCESS_NAME}"))["files"]
-    objects = {k: v for k, v in storage.list_files(out).items() if k != storage.SUCCESS_NAME}
+    assert rundir.is_finished(out)
+    success = json.loads(storage.read_text(f"{out}/{rundir.SUCCESS}"))["files"]
+    objects = {k: v for k, v in storage.list_files(out).items() if k != rundir.SUCCESS}
     assert set(success) == set(objects) and all(success[k]["size"] == objects[k] for k in objects)
     assert not any(k.startswith("backup/") for k in objects)
     hist = assert_finished_like_uninterrupted(out, workers)

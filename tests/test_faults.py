@@ -275,7 +275,7 @@ import numpy as np
 import tensorflow as tf
 from tljob.errors import TljobError
 from tljob.faults import StopCheck
-from tljob.train import FaultCallback
+from tljob.callbacks import FaultCallback
 dog = Watchdog(30)
 dog.arm()
 term = GracefulTermination(grace_s=20)
@@ -405,7 +405,7 @@ import tljob
 from tljob import cluster
 from tljob.errors import TljobError
 from tljob.faults import GracefulTermination, StopCheck, Watchdog
-from tljob.train import FaultCallback
+from tljob.callbacks import FaultCallback
 logging.basicConfig(level=logging.INFO)
 spec = cluster.resolve_cluster(os.environ)
 strategy = cluster.create_strategy(spec, "auto")

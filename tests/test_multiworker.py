@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from backups import backed_up_epoch, backed_up_step
-from tljob import storage
+from tljob import rundir, storage
 from tljob.errors import EXIT_OK, EXIT_RETRYABLE
 
 pytestmark = pytest.mark.multiworker
@@ -219,7 +219,7 @@ def test_indexed_job_sigkill_in_phase_2_then_resume_from_bucket(tmp_path: Path, 
     assert code == EXIT_RETRYABLE, workers.log(0)[-3000:]
     last_backed_up = bucket_backed_up_epoch(f"{out}/backup/fine_tuning", tmp_path / "inspect")
     assert last_backed_up is not None and 2 <= last_backed_up < 4, "the kill must land in phase 2"
-    assert not storage.is_finished(out)
+    assert not rundir.is_finished(out)
     assert any(k.startswith("logs/fine_tuning/") for k in storage.list_files(out)), "TensorBoard logs sync during training"
     # The pods come back on fresh nodes: nothing local survives, everything comes from the bucket.
     for i in range(2):

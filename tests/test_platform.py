@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from backups import backed_up_epoch
-from tljob import data, storage
+from tljob import data, rundir, storage
 from tljob.config import DataConfig
 from tljob.errors import EXIT_OK, ConfigError, RetryableError
-from tljob.layout import RunLayout, vertex_run
+from tljob.rundir import RunLayout, vertex_run
 from tljob.train import tfds_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_vertex_dry_run_writes_model_backups_and_logs_under_the_aip_folders(tmp_
     assert list((base / "logs" / "feature_extraction").rglob("events.out.tfevents.*"))
     assert (base / "checkpoints" / "fine_tuning.weights.h5").is_file()  # kept when the backups were removed
     assert not (base / "checkpoints" / "backup").exists() and not (base / "backup").exists()
-    listing = json.loads((base / storage.SUCCESS_NAME).read_text())["files"]
+    listing = json.loads((base / rundir.SUCCESS).read_text())["files"]
     assert "model/model.keras" in listing and "history.json" in listing
     assert f"Vertex AI outputs: run directory {base}" in text
 
@@ -90,7 +90,7 @@ def test_an_output_flag_wins_over_the_vertex_variables(tmp_path: Path) -> None:
     """--output decides; the AIP_* folders are not touched (nothing is trained: the run is already finished)."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / storage.SUCCESS_NAME).write_text('{"files": {}}')
+    (out / rundir.SUCCESS).write_text('{"files": {}}')
     env = {**os.environ, **vertex_env(str(tmp_path / "vertex"))}
     proc = subprocess.run([sys.executable, "-m", "tljob.cli", "train", "--config", DRY_RUN, "--output", str(out)],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -237,4 +237,4 @@ def test_two_workers_prepare_tfds_once_and_a_restart_prepares_nothing(tmp_path: 
     assert len(prepared.read_text().splitlines()) == 1, prepared.read_text()
     assert "preparing in" in logs[(0, 1)] and "waiting for the chief to prepare it" in logs[(1, 1)]
     assert all("prepared in" in logs[(i, 2)] and "reused" in logs[(i, 2)] for i in (0, 1))
-    assert "resuming" in logs[(0, 2)] and (out / storage.SUCCESS_NAME).is_file()
+    assert "resuming" in logs[(0, 2)] and (out / rundir.SUCCESS).is_file()

@@ -106,10 +106,10 @@ def test_examples_without_files_are_named_by_position() -> None:
 
 def test_a_model_directory_without_metadata_is_a_config_error(tmp_path: Path) -> None:
     from tljob.errors import ConfigError
-    from tljob.inference import load_metadata
+    from tljob.rundir import read_metadata
 
     with pytest.raises(ConfigError, match=r"--model .*metadata.json not found. Fix: .*copied into it"):
-        load_metadata(str(tmp_path))
+        read_metadata(str(tmp_path))
 
 
 def test_predict_arguments_are_checked_before_any_work(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from kubernetes import client as k8s
 
-from tljob import export, status, storage
+from tljob import rundir, status, storage
 from tljob.errors import EXIT_CONFIG, EXIT_OK, EXIT_RETRYABLE
 
 TLJOB = Path(sys.executable).parent / "tljob"
@@ -52,15 +52,11 @@ def write_run(run: Path, state: dict[str, Any] | None, success: bool = False) ->
     return run
 
 
-def test_status_file_name_is_the_trainers() -> None:
-    assert status.STATUS_FILE == export.STATUS
-
-
 # --- the run directory ----------------------------------------------------------------------------------
 
 
 def test_format_run_shows_phase_epoch_metrics_throughput_and_eta() -> None:
-    text = "\n".join(status.format_run("gs://b/run", RUNNING, finished=False, now=NOW))
+    text = "\n".join(status.format_run("gs://b/run", rundir.Status.from_json(RUNNING), finished=False, now=NOW))
     assert "cats_vs_dogs (2 worker(s))" in text
     assert "running, phase fine_tuning, epoch 13/20" in text
     assert "loss 0.1234  accuracy 0.9512  val_loss 0.1100  val_accuracy 0.9600" in text
@@ -72,7 +68,7 @@ def test_format_run_shows_phase_epoch_metrics_throughput_and_eta() -> None:
 
 def test_format_run_of_a_finished_run() -> None:
     done = {**RUNNING, "state": "succeeded", "epoch": 20, "eta_s": 0.0}
-    text = "\n".join(status.format_run("/r", done, finished=True, now=NOW))
+    text = "\n".join(status.format_run("/r", rundir.Status.from_json(done), finished=True, now=NOW))
     assert "succeeded, phase fine_tuning, epoch 20/20" in text and "ETA        done" in text
     assert "_SUCCESS   yes" in text
 
@@ -80,7 +76,7 @@ def test_format_run_of_a_finished_run() -> None:
 def test_format_run_tolerates_missing_fields() -> None:
     """A run that succeeded before any epoch was recorded has nulls in its status."""
     sparse = {"state": "succeeded", "phase": None, "epoch": None, "metrics": {}, "images_per_second": None}
-    text = "\n".join(status.format_run("/r", sparse, finished=True, now=NOW))
+    text = "\n".join(status.format_run("/r", rundir.Status.from_json(sparse), finished=True, now=NOW))
     assert "phase -, epoch -/-" in text and "throughput -" in text
 
 

@@ -216,14 +216,14 @@ def test_publish_writes_success_last_listing_real_crc32c(
     storage.write_text(storage.join(out, "_SUCCESS"), "stale")
     (src / "_SUCCESS").write_text("left over from an in-place publish")
 
-    document = storage.publish(str(src), out)
+    document = storage.publish(str(src), out, "_SUCCESS")
 
     expected = {rel: {"size": len(d), "crc32c": crc32c_b64(d)} for rel, d in FILES.items()}
     assert document == {"files": expected}
     assert json.loads(storage.read_text(storage.join(out, "_SUCCESS"))) == document
     listed = storage.list_files(out)
     assert listed.pop("_SUCCESS") > 0 and listed == {rel: m["size"] for rel, m in expected.items()}
-    assert storage.is_finished(out)
+    assert storage.is_file(storage.join(out, "_SUCCESS"))
     # The emulator stamps each object's generation with its creation time in ns.
     blobs = {
         b.name: b.generation for b in gcs_client().list_blobs(gcs_bucket.removeprefix("gs://"))
@@ -232,17 +232,17 @@ def test_publish_writes_success_last_listing_real_crc32c(
     assert success_generation > max(blobs.values())
 
     fault_proxy.clear_log()
-    assert storage.publish(str(src), out) == document  # idempotent
+    assert storage.publish(str(src), out, "_SUCCESS") == document  # idempotent
     assert len(uploads(fault_proxy)) == 1  # only the new _SUCCESS
 
 
 def test_publish_to_local_output_matches_gcs_checksums(tmp_path: Path, gcs_bucket: str) -> None:
     src = make_tree(tmp_path / "run")
-    in_place = storage.publish(str(src), str(src))
-    copied = storage.publish(str(src), f"file://{tmp_path}/copy")
-    remote = storage.publish(str(src), gcs_bucket + "/r")
+    in_place = storage.publish(str(src), str(src), "_SUCCESS")
+    copied = storage.publish(str(src), f"file://{tmp_path}/copy", "_SUCCESS")
+    remote = storage.publish(str(src), gcs_bucket + "/r", "_SUCCESS")
     assert in_place == copied == remote  # google-crc32c locally == what GCS reports
-    assert storage.is_finished(str(src)) and storage.is_finished(str(tmp_path / "copy"))
+    assert storage.is_file(f"{src}/_SUCCESS") and storage.is_file(f"{tmp_path}/copy/_SUCCESS")
     assert storage.list_files(str(tmp_path / "copy")).keys() == set(FILES) | {"_SUCCESS"}
 
 
@@ -256,17 +256,17 @@ def test_interrupted_publish_leaves_no_success_and_rerun_completes(
     fault_proxy.drop_next(math.inf, skip=4)
     started = time.monotonic()
     with pytest.raises(RetryableError, match=r"gs://.*/r/") as failure:
-        storage.publish(str(src), out)
+        storage.publish(str(src), out, "_SUCCESS")
     assert time.monotonic() - started < short_deadline + 5
     assert failure.value.exit_code == EXIT_RETRYABLE
 
     fault_proxy.heal()
-    assert not storage.is_finished(out)
+    assert not storage.is_file(storage.join(out, "_SUCCESS"))
     assert len(storage.list_files(out)) == 2
 
     fault_proxy.clear_log()
-    document = storage.publish(str(src), out)
-    assert storage.is_finished(out) and set(document["files"]) == set(FILES)
+    document = storage.publish(str(src), out, "_SUCCESS")
+    assert storage.is_file(storage.join(out, "_SUCCESS")) and set(document["files"]) == set(FILES)
     assert len(uploads(fault_proxy)) == len(FILES) - 2 + 1  # the missing files, then _SUCCESS
 
 
@@ -279,16 +279,16 @@ def test_emulator_outage_is_retryable_and_restart_recovers(
     restartable_gcs.emulator.stop()
     started = time.monotonic()
     with pytest.raises(RetryableError, match=storage.DEADLINE_ENV):
-        storage.publish(str(src), out)
+        storage.publish(str(src), out, "_SUCCESS")
     assert time.monotonic() - started < short_deadline + 5
 
     restartable_gcs.emulator.start()  # same port, same data on disk
-    assert not storage.is_finished(out)
+    assert not storage.is_file(storage.join(out, "_SUCCESS"))
     assert set(storage.list_files(storage.join(out, "model"))) == {
         rel.removeprefix("model/") for rel in FILES if rel.startswith("model/")
     }
-    storage.publish(str(src), out)
-    assert storage.is_finished(out)
+    storage.publish(str(src), out, "_SUCCESS")
+    assert storage.is_file(storage.join(out, "_SUCCESS"))
 
 
 # --- retries --------------------------------------------------------------------------------

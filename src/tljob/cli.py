@@ -23,7 +23,7 @@ log = logging.getLogger("tljob")
 def cmd_train(args: argparse.Namespace) -> int:
     from tljob import storage  # no TensorFlow in these: config errors come back fast
     from tljob.config import digest, load_config, to_yaml
-    from tljob.layout import RunLayout, vertex_run  # Vertex AI's AIP_* folders when no --output is given
+    from tljob.rundir import PARAMS, RunLayout, vertex_run  # Vertex AI's AIP_* folders when no --output is given
 
     # Through storage: users keep job configs in buckets (--config gs://bucket/job.yaml).
     cfg = load_config(args.config, args.set, read=storage.read_text)
@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.output:
         raise ConfigError("output: not set. Fix: pass --output DIR (or gs://bucket/prefix) or set `output:` in the YAML.")
     # In full only with -v: it is 60 lines, and params.yaml in the run holds it.
-    log.info("final config: %s, digest %s (saved as params.yaml; -v logs it)", cfg.name, digest(cfg))
+    log.info("final config: %s, digest %s (saved as %s; -v logs it)", cfg.name, digest(cfg), PARAMS)
     log.debug("final config:\n%s", to_yaml(cfg))
     console.import_tensorflow()
     from tljob.train import run
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder (one sub-folder per class) or TFRecord dir")
     p.add_argument("--source", choices=("folder", "tfrecord"), default="folder")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--output", default=None, help="write evaluation.json and confusion.png here (local or gs://)")
+    p.add_argument("--output", default=None, help="also write the report here (local or gs://), as JSON and a "
+                   "confusion-matrix PNG (the files a training run writes)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document instead of a table")
     p.set_defaults(func=cmd_evaluate)
 

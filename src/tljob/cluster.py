@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import string
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, MutableMapping
 
-from tljob.config import COMMUNICATIONS, LR_RULES, STRATEGIES
+from tljob.config import COMMUNICATIONS, STRATEGIES
 from tljob.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -279,34 +278,6 @@ def apply_cluster_env(spec: ClusterSpec, environ: MutableMapping[str, str]) -> N
     """Sets TF_CONFIG to the resolved cluster, for the TF and Keras code that reads it from the environment."""
     if spec.tf_config is not None:
         environ["TF_CONFIG"] = json.dumps(spec.tf_config)
-
-
-def global_batch_size(per_replica: int, replicas: int) -> int:
-    """Each replica takes `per_replica` examples per step; the step's gradient averages all of them."""
-    if per_replica < 1 or replicas < 1:
-        raise ConfigError(f"batch size {per_replica} x replicas {replicas}: both must be at least 1. "
-                          "Fix: set data.batch_size to a positive number.")
-    return per_replica * replicas
-
-
-def learning_rate(base_lr: float, rule: str, global_batch: int, reference_batch: int) -> float:
-    """The rate for `global_batch`, given `base_lr` tuned at `reference_batch`.
-
-    none: the tutorial's rate as written; linear: scaled by global/reference (Goyal et al. 2017);
-    sqrt: by its square root, gentler for adaptive optimizers such as Adam and RMSprop.
-    """
-    if rule not in LR_RULES:
-        raise _bad("train.lr_scaling", rule, "unknown rule", f"use one of {', '.join(LR_RULES)}.")
-    if reference_batch < 1:
-        raise _bad("train.reference_batch_size", reference_batch, "must be positive", "use e.g. 32.")
-    if global_batch < 1:
-        raise _bad("global batch size", global_batch, "must be positive", "set data.batch_size to 1 or more.")
-    ratio = global_batch / reference_batch
-    if rule == "linear":
-        return base_lr * ratio
-    if rule == "sqrt":
-        return base_lr * math.sqrt(ratio)
-    return base_lr
 
 
 def choose_strategy(strategy: str, communication: str, num_workers: int, num_gpus: int) -> str:

@@ -1,4 +1,5 @@
-"""What a person watching a run sees: log set-up, TensorFlow's chatter, the progress bar, the summary.
+"""What a person watching a run sees: log set-up, TensorFlow's chatter, the progress bar (whether; the bar
+itself is callbacks.EpochBar, a Keras callback), the summary.
 
 By default the console carries tljob's own lines and warnings and errors from anywhere; `-v` adds
 tljob's debug lines and brings back everything TensorFlow and absl say (C++ INFO notices, the
@@ -7,22 +8,20 @@ In a terminal the chief shows a progress bar per epoch; in a pod's log (no TTY) 
 line, and long stages without steps log a heartbeat (faults.Watchdog.working).
 
 Imported by cli.py before TensorFlow (TF_CPP_MIN_LOG_LEVEL is read when TensorFlow loads), so
-nothing here imports TensorFlow at module level.
+nothing here imports TensorFlow at module level (nor anything that does).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import logging
 import os
 import re
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers of libraries whose INFO lines are about their own plumbing (absl: "Sharding callback
@@ -154,70 +153,12 @@ def keras_messages_to_log() -> Iterator[None]:
 # ----------------------------------------------------------------------------- progress bar
 
 
-def progress_bar(*, phase: str, steps: int, total_epochs: int, global_batch: int, chief: bool) -> list[Any]:
-    """The per-epoch bar as a Keras callback, for the chief when stderr is a terminal; else none (a pod's
-    log gets the one line per epoch of the trainer). Only the chief: workers sharing a terminal (a local
-    multi-worker run) would draw over each other's bars, and every worker's bar would show the same steps."""
-    if not (chief and sys.stderr.isatty()):
-        return []
-    return [_bar_callback_class()(phase=phase, steps=steps, total_epochs=total_epochs, global_batch=global_batch)]
-
-
-@functools.cache
-def _bar_callback_class() -> type:
-    # Built on first use: the class derives from Keras's Callback, and this module is imported before TensorFlow.
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    class EpochBar(tf.keras.callbacks.Callback):
-        """One bar per epoch: steps, images/s, loss and the run's ETA; cleared at the epoch's end, where the
-        trainer logs the epoch's line."""
-
-        def __init__(self, *, phase: str, steps: int, total_epochs: int, global_batch: int):
-            super().__init__()
-            self.phase = phase
-            self.steps = steps
-            self.total_epochs = total_epochs
-            self.global_batch = global_batch
-            self._bar: tqdm | None = None
-            self._epoch = 0
-            self._epoch_start = 0.0
-            self._durations: list[float] = []
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._epoch = epoch
-            self._epoch_start = time.perf_counter()
-            self._bar = tqdm(total=self.steps, desc=f"{self.phase} epoch {epoch + 1}/{self.total_epochs}",
-                             file=sys.stderr, leave=False, dynamic_ncols=True,
-                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}")
-
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            if self._bar is None:
-                return
-            done = batch + 1  # with steps_per_execution N, `batch` is the last of the N steps just run
-            elapsed = time.perf_counter() - self._epoch_start
-            rate = done / elapsed  # steps per second in this epoch so far
-            epoch_s = sum(self._durations[-3:]) / len(self._durations[-3:]) if self._durations else self.steps / rate
-            eta = (self.steps - done) / rate + epoch_s * (self.total_epochs - self._epoch - 1)
-            loss = (logs or {}).get("loss")
-            self._bar.set_postfix_str(
-                f"{rate * self.global_batch:.0f} img/s" + (f", loss {float(loss):.4f}" if loss is not None else "")
-                + f", run ETA {dt.timedelta(seconds=round(eta))}", refresh=False)
-            self._bar.update(done - self._bar.n)
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            # Validation has run by now (fit's, or cached validation's callback, which comes first).
-            self._durations.append(time.perf_counter() - self._epoch_start)
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-
-        def on_train_end(self, logs: dict | None = None) -> None:
-            if self._bar is not None:  # fit stopped mid-epoch (SIGTERM): leave the terminal clean
-                self._bar.close()
-                self._bar = None
-
-    return EpochBar
+def wants_progress_bar(chief: bool) -> bool:
+    """Whether this worker shows the per-epoch bar (callbacks.EpochBar): the chief when stderr is a terminal;
+    a pod's log gets the one line per epoch of the trainer instead. Only the chief: workers sharing a terminal
+    (a local multi-worker run) would draw over each other's bars, and every worker's bar would show the same
+    steps."""
+    return chief and sys.stderr.isatty()
 
 
 # ----------------------------------------------------------------------------- summary
@@ -230,7 +171,9 @@ def _figures(record: dict, prefix: str = "") -> str:
 def summary_lines(output: str, metrics: dict, history: list[dict]) -> list[str]:
     """The end of a run in a few lines (pure): where it is, each phase's last-epoch metrics and epoch time,
     the test metrics, bad files. metrics is what metrics.json holds; history what history.json holds."""
-    lines = [f"summary of run {output} (model/, metrics.json, history.json, curves.png there):"]
+    from tljob.rundir import CURVES, HISTORY, METRICS  # here: cli.py imports this module first, for --help too
+
+    lines = [f"summary of run {output} (model/, {METRICS}, {HISTORY}, {CURVES} there):"]
     for phase in dict.fromkeys(h["phase"] for h in history):
         recs = [h for h in history if h["phase"] == phase]
         last = recs[-1]
@@ -240,7 +183,7 @@ def summary_lines(output: str, metrics: dict, history: list[dict]) -> list[str]:
     test = metrics.get("test") or {}
     lines.append(f"  test: {_figures(test, 'test_') or 'no test split'}")
     bad = metrics.get("bad_file_names") or []
-    named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more (metrics.json)" if len(bad) > 3 else "")
+    named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more ({METRICS})" if len(bad) > 3 else "")
     lines.append(f"  bad files: {len(bad)} of {metrics.get('total_files')}" + (f": {named}" if bad else ""))
     return lines
 

@@ -104,16 +104,17 @@ def check_bad_share(bad: int, total: int, max_fraction: float) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Any JPEG/PNG/GIF/BMP -> uint8 [size, size, 3], bilinear as image_dataset_from_directory does."""
-    return resize_image(tf.io.decode_image(encoded, channels=3, expand_animations=False), image_size)
-
-
 def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """A decoded image -> uint8 [size, size, 3]: the one resize every source, predict and evaluate share,
-    so a model sees at prediction time exactly the pixels it was trained and tested on."""
+    """A decoded image -> uint8 [size, size, 3], bilinear as image_dataset_from_directory does: the one
+    resize every source, predict and evaluate share, so a model sees at prediction time exactly the pixels
+    it was trained and tested on."""
     image = tf.image.resize(image, (image_size, image_size), method="bilinear")
     return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
+def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Any JPEG/PNG/GIF/BMP -> uint8 [size, size, 3] (resize_image)."""
+    return resize_image(tf.io.decode_image(encoded, channels=3, expand_animations=False), image_size)
 
 
 def _scan_pipeline(encoded_ds: tf.data.Dataset, image_size: int, chunk: int = _SCAN_CHUNK) -> tf.data.Dataset:
@@ -133,11 +134,9 @@ def _no_autotuner() -> tf.data.Options:
     """Options for every tljob pipeline: fixed parallelism instead of tf.data's autotuner.
 
     AUTOTUNE then means one parallel call per schedulable core; prefetch buffers still grow on demand.
-    Measured here (bench/README.md): the autotuner's model thread re-optimises at a period that doubles up
-    to 60 s, and deleting an iterator waited for the period to run out, so `fit` stood still for up to a
-    minute at the phase boundary and after the last epoch (an iterator used for 150 s took 52 s to delete;
-    without the autotuner 0.00 s); and on 2 cores it held a decode map at ~1,100 images/s with a core
-    partly idle in about half of the runs (fixed: 1,500-2,200 images/s in every run).
+    The autotuner's model thread re-optimises at a period that doubles up to 60 s, and deleting an iterator
+    waits for the period to run out, so `fit` stood still at the phase boundary and after the last epoch;
+    it also left a core partly idle in the decode pass. Figures: bench/README.md, "What each change bought".
     """
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -645,8 +644,8 @@ def _flip_and_rotate(images: tf.Tensor, flip_h: tf.Tensor | None, flip_v: tf.Ten
     """Flips the images where flip_h / flip_v are true, then rotates them by `angles` (radians).
 
     With a rotation, the flips are folded into its projective transform (a flip maps pixel x to
-    width - 1 - x, which the transform can do as it samples): each image is resampled once. Without the
-    separate flip pass, one CPU thread augments 477 instead of 369 images/s (bench/README.md). The result
+    width - 1 - x, which the transform can do as it samples): each image is resampled once, with no
+    separate flip pass (what that saved: bench/README.md, "What each change bought"). The result
     equals flipping first and rotating after, up to float rounding of the sampling positions (tested).
     """
     if angles is None:
@@ -715,8 +714,8 @@ def distributed_train_input(strategy: tf.distribute.Strategy, split: Split, *, g
 
     In memory with several workers: each worker builds its own pipeline over its share of the images
     (worker_train_pipeline). Handed to Keras whole, such data is sharded by DATA: every worker would
-    shuffle, batch and augment the global batch and then drop the other workers' part, which made a
-    2-worker step ~200 ms slower than a lone worker's (weak scaling 0.7 on 2 CPUs). Everything else
+    shuffle, batch and augment the global batch and then drop the other workers' part, on the worker's own
+    cores (what that cost: bench/README.md, "What each change bought"). Everything else
     (one worker; streams from TFDS, TFRecord or uncached folders: shard_policy) goes to Keras as is.
     """
     if split.images is None or num_workers <= 1:

@@ -1,11 +1,12 @@
-"""A run's artifacts: history, curves, metrics, metadata, the exported model, and the status file.
+"""A run's final artifacts: the curves plot, the metadata record, the exported model, and what makes model/
+stand alone (its metadata, labels, model card, and the optional TFLite file).
 
-Everything here writes into the run's local staging directory; `storage.publish` makes it visible.
+Everything here writes into the run's local staging directory (names from tljob.rundir);
+`rundir.RunFiles.publish` makes it visible.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
@@ -19,36 +20,19 @@ matplotlib.use("Agg")  # no display in pods or CI
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
 from tljob import console  # noqa: E402
+from tljob.rundir import (  # noqa: E402
+    CONFUSION,
+    EVALUATION,
+    KERAS_FILE,
+    LABELS,
+    METADATA,
+    MODEL_CARD,
+    SAVED_MODEL_DIR,
+    TFLITE_FILE,
+    RunFiles,
+)
 
 log = logging.getLogger(__name__)
-
-HISTORY = "history.json"
-METRICS = "metrics.json"
-# In the run directory and, the same file, inside model/: a copy of model/ alone must be usable.
-METADATA = "metadata.json"
-CURVES = "curves.png"
-EVALUATION = "evaluation.json"
-CONFUSION = "confusion.png"
-PARAMS = "params.yaml"
-STATUS = "status.json"
-# Inside model/:
-KERAS_FILE = "model.keras"
-SAVED_MODEL_DIR = "saved_model"
-LABELS = "labels.txt"
-MODEL_CARD = "README.md"
-TFLITE_FILE = "model.tflite"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic local write: a reader (or an upload) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else default
 
 
 def plot_curves(history: list[dict], path: Path, fine_tune_start: int | None) -> None:
@@ -114,7 +98,7 @@ def export_model(model: Any, model_dir: Path) -> None:
 
 def write_model_package(model_dir: Path, meta: dict[str, Any], card: str) -> None:
     """What makes model/ stand alone: its metadata, the class names in output order, the model card."""
-    write_json(model_dir / METADATA, meta)
+    RunFiles(model_dir).write_json(METADATA, meta)  # the same file as the run directory's
     (model_dir / LABELS).write_text("".join(f"{name}\n" for name in meta["class_names"]))
     (model_dir / MODEL_CARD).write_text(card)
 

@@ -96,10 +96,6 @@ class Watchdog:
     def disarm(self) -> None:
         self._armed = False
 
-    @property
-    def armed(self) -> bool:
-        return self._armed
-
     def enter(self, stage: str, limit_s: float | None) -> int:
         """Starts a stage with its own limit between beats (None: none); returns the depth to `leave`."""
         depth = len(self._stages)
@@ -320,7 +316,7 @@ class StopCheck:
     agree: by default this worker decides alone (right for one worker). In a multi-worker run pass
     `cluster.make_any_worker(strategy)`, so that all workers stop at the same batch when any of them
     got SIGTERM (one worker saving alone would deadlock the others' collectives). That is an
-    all-reduce (about 3.5 ms on loopback), hence `every_calls`.
+    all-reduce, hence `every_calls`.
     """
 
     def __init__(self, termination: GracefulTermination, agree: Callable[[bool], bool] = bool,

@@ -7,7 +7,6 @@ so a copy of model/ made anywhere works.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import tempfile
@@ -16,23 +15,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from tljob import export, report, storage
+from tljob import report, rundir, storage
 from tljob.config import DataConfig
 from tljob.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 _WILDCARDS = "*?["
-
-
-def load_metadata(model_dir: str) -> dict:
-    """model/metadata.json: class names, image size, input and output of the exported model."""
-    path = storage.join(model_dir, export.METADATA)
-    if not storage.exists(path):
-        raise ConfigError(f"--model {model_dir}: {path} not found. Fix: point --model at the model/ directory of a "
-                          f"finished run (or a copy of it); a model exported before model/ held its metadata works "
-                          f"once its run's {export.METADATA} is copied into it.")
-    return json.loads(storage.read_text(path))
 
 
 def load_serving(model_dir: str, scratch: str) -> Callable[[Any], np.ndarray]:
@@ -43,9 +32,9 @@ def load_serving(model_dir: str, scratch: str) -> Callable[[Any], np.ndarray]:
     """
     import tensorflow as tf
 
-    path = storage.join(model_dir, export.SAVED_MODEL_DIR)
+    path = storage.join(model_dir, rundir.SAVED_MODEL_DIR)
     if not storage.exists(path):
-        raise ConfigError(f"--model {model_dir}: no {export.SAVED_MODEL_DIR}/ inside. Fix: point --model at the "
+        raise ConfigError(f"--model {model_dir}: no {rundir.SAVED_MODEL_DIR}/ inside. Fix: point --model at the "
                           f"model/ directory of a finished run (or a copy of it).")
     saved = tf.saved_model.load(storage.stage_input(path, scratch))
     # The closure keeps `saved` alive: its variables go with it, and a bare `saved.serve` would outlive them.
@@ -110,26 +99,28 @@ def predict(model_dir: str, images: list[str], *, batch_size: int = 32, top_k: i
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: use a positive batch size, e.g. 32.")
-    meta = load_metadata(model_dir)
+    meta = rundir.read_metadata(model_dir)
     names = meta["class_names"]
     if not 1 <= top_k <= len(names):
         raise ConfigError(f"--top-k {top_k}: the model has {len(names)} classes. Fix: use 1 to {len(names)}.")
-    scratch = tempfile.mkdtemp(prefix="tljob-predict-")
-    inputs = resolve_inputs(images, scratch)
-    serve = load_serving(model_dir, scratch)
-    batches = data.decoded_file_batches([local for _, local in inputs], int(meta["image_size"]), batch_size)
-    done = 0  # inputs before this index have had their row
-    for indices, pixels in batches.as_numpy_iterator():
-        outputs = serve(tf.constant(pixels, tf.float32))
-        for i, best in zip(indices, top_classes(outputs, names, top_k)):
-            # Files between the last row and this one were left out of the batch: they did not decode.
-            yield from (_error_row(*inputs[j]) for j in range(done, i))
-            row: dict[str, Any] = {"path": inputs[i][0], "class": best[0][0], "probability": round(best[0][1], 6)}
-            if top_k > 1:
-                row["top_k"] = [{"class": c, "probability": round(p, 6)} for c, p in best]
-            yield row
-            done = i + 1
-    yield from (_error_row(*inputs[j]) for j in range(done, len(inputs)))
+    # The staged gs:// inputs and model live until the last batch has been read, then go.
+    with tempfile.TemporaryDirectory(prefix="tljob-predict-") as scratch:
+        inputs = resolve_inputs(images, scratch)
+        serve = load_serving(model_dir, scratch)
+        batches = data.decoded_file_batches([local for _, local in inputs], int(meta["image_size"]), batch_size)
+        done = 0  # inputs before this index have had their row
+        for indices, pixels in batches.as_numpy_iterator():
+            outputs = serve(tf.constant(pixels, tf.float32))
+            for i, best in zip(indices, top_classes(outputs, names, top_k)):
+                # Files between the last row and this one were left out of the batch: they did not decode.
+                yield from (_error_row(*inputs[j]) for j in range(done, i))
+                row: dict[str, Any] = {"path": inputs[i][0], "class": best[0][0],
+                                       "probability": round(best[0][1], 6)}
+                if top_k > 1:
+                    row["top_k"] = [{"class": c, "probability": round(p, 6)} for c, p in best]
+                yield row
+                done = i + 1
+        yield from (_error_row(*inputs[j]) for j in range(done, len(inputs)))
 
 
 def evaluate(model_dir: str, data_path: str, *, source: str, batch_size: int) -> dict[str, Any]:
@@ -138,13 +129,15 @@ def evaluate(model_dir: str, data_path: str, *, source: str, batch_size: int) ->
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: use a positive batch size.")
-    meta = load_metadata(model_dir)
-    scratch = tempfile.mkdtemp(prefix="tljob-eval-")
-    serve = load_serving(model_dir, scratch)
+    meta = rundir.read_metadata(model_dir)
     cfg = DataConfig(source=source, train=data_path, validation=None, test=None,
                      image_size=int(meta["image_size"]), batch_size=batch_size, max_bad_fraction=0.99)
-    ds = data.load_dataset(cfg, seed=0, cache_dir=scratch)
-    if ds.class_names != meta["class_names"]:
-        raise ConfigError(f"--data {data_path}: classes {ds.class_names} differ from the model's {meta['class_names']}.")
-    result = report.evaluate_split(serve, ds.train, ds.class_names, batch_size, source=data_path)
+    # The staged model and inputs and any disk cache live until the evaluation has read them, then go.
+    with tempfile.TemporaryDirectory(prefix="tljob-eval-") as scratch:
+        serve = load_serving(model_dir, scratch)
+        ds = data.load_dataset(cfg, seed=0, cache_dir=scratch)
+        if ds.class_names != meta["class_names"]:
+            raise ConfigError(f"--data {data_path}: classes {ds.class_names} differ from the model's "
+                              f"{meta['class_names']}.")
+        result = report.evaluate_split(serve, ds.train, ds.class_names, batch_size, source=data_path)
     return {**result, "data": data_path, "bad_files": len(ds.bad_files), "bad_file_names": ds.bad_files}

@@ -20,14 +20,10 @@ from tljob.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 def head_units(num_classes: int) -> int:
     """One sigmoid unit for two classes (the tutorial's head), one softmax unit per class otherwise."""
     return 1 if num_classes == 2 else num_classes
-
-
-def trainable_base_layers(depth: int, fine_tune_at: int) -> int:
-    """How many base layers the fine-tuning phase trains (pure: the test compares it with the model)."""
-    return max(depth - fine_tune_at, 0)
 
 
 def imagenet_weights_file(alpha: float, image_size: int) -> str:
@@ -84,8 +80,8 @@ def _first_replica_statistics(next_creator: Any, **kwargs: Any) -> tf.Variable:
     The base always runs with training=False, so its statistics never change while training and every
     replica holds the same values (loaded, or calibrated from the same images on each replica). With
     MEAN, every cross-replica read (building the model, each backup, each weights file) is an
-    all-reduce per statistic, 104 of them for MobileNetV2, which under MultiWorkerMirroredStrategy cost
-    ~10 s to build and ~3 s per backup on two CPU workers; reading replica 0 gives the same value.
+    all-reduce per statistic, 104 of them for MobileNetV2, under MultiWorkerMirroredStrategy; reading
+    replica 0 gives the same value (what it saved: bench/README.md, "What each change bought").
     """
     if (kwargs.get("synchronization") == tf.VariableSynchronization.ON_READ
             and kwargs.get("aggregation") == tf.VariableAggregation.MEAN

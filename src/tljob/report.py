@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tljob import export, storage
+from tljob import rundir, storage
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The headline figures, for metrics.json and the model card."""
     return {"examples": report["examples"], "accuracy": report["accuracy"], "loss": report["loss"],
             "macro_precision": report["macro_avg"]["precision"], "macro_recall": report["macro_avg"]["recall"],
-            "macro_f1": report["macro_avg"]["f1"], "report": export.EVALUATION}
+            "macro_f1": report["macro_avg"]["f1"], "report": rundir.EVALUATION}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -153,7 +153,10 @@ def format_table(report: dict[str, Any]) -> str:
 
 def confusion_png(report: dict[str, Any]) -> bytes:
     """The confusion matrix as a PNG: counts in the cells, colour by the share of the true class (row)."""
-    import matplotlib.pyplot as plt  # export chose the Agg backend when it was imported
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in pods or CI (as in export.py, which may have chosen it already)
+    import matplotlib.pyplot as plt
 
     matrix = np.asarray(report["confusion_matrix"], np.float64)
     names = report["class_names"]
@@ -180,7 +183,7 @@ def confusion_png(report: dict[str, Any]) -> bytes:
 
 def write_report(report: dict[str, Any], directory: str) -> list[str]:
     """evaluation.json and confusion.png into `directory` (local or gs://); returns their paths."""
-    paths = [storage.join(directory, export.EVALUATION), storage.join(directory, export.CONFUSION)]
+    paths = [storage.join(directory, rundir.EVALUATION), storage.join(directory, rundir.CONFUSION)]
     if not storage.is_remote(directory):
         os.makedirs(storage.local_path(directory), exist_ok=True)
     storage.write_text(paths[0], json.dumps(report, indent=1) + "\n")

@@ -13,21 +13,17 @@ no such Job, or was refused; 75 (retryable) the Kubernetes API did not answer.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from tljob import storage
+from tljob import rundir
 from tljob.errors import EXIT_OK, ConfigError, RetryableError
 
 if TYPE_CHECKING:  # the client is imported only for --k8s: plain `tljob status` answers faster without it
     from kubernetes import client as k8s
 
-# Written by the trainer's chief (tljob.export.STATUS); not imported from there, as export loads matplotlib.
-STATUS_FILE = "status.json"
-METRIC_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Set by the Job controller on every pod of an Indexed Job (Kubernetes >= 1.27 for the label).
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -36,23 +32,6 @@ API_TIMEOUT_S = 15
 
 
 # --- the run directory --------------------------------------------------------------------------------
-
-
-def read_status(run: str) -> dict[str, Any] | None:
-    """The run's status.json, or None when the chief has not written one yet."""
-    path = storage.join(run, STATUS_FILE)
-    try:
-        text = storage.read_text(path)
-    except FileNotFoundError:
-        return None
-    try:
-        status = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}). Fix: point at a tljob run directory.") from exc
-    if not isinstance(status, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(status).__name__}. "
-                          f"Fix: point at a tljob run directory.")
-    return status
 
 
 def parse_time(value: Any) -> dt.datetime | None:
@@ -72,7 +51,7 @@ def format_duration(seconds: float) -> str:
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    known = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
+    known = [k for k in rundir.METRIC_KEYS if k in metrics] + sorted(k for k in metrics if k not in rundir.METRIC_KEYS)
     parts = [f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], (int, float)) else f"{k} {metrics[k]}" for k in known]
     return "  ".join(parts) or "-"
 
@@ -81,33 +60,33 @@ def _row(label: str, value: str) -> str:
     return f"{label:<11}{value}"
 
 
-def format_run(run: str, status: Mapping[str, Any] | None, finished: bool, now: dt.datetime) -> list[str]:
+def format_run(run: str, status: rundir.Status | None, finished: bool, now: dt.datetime) -> list[str]:
     """The run part of the report (pure: `now` is passed in)."""
     lines = [_row("run", run)]
     if status is None:
-        lines.append(_row("status", f"no {STATUS_FILE} yet (the chief writes it after each epoch)"))
+        lines.append(_row("status", f"no {rundir.STATUS} yet (the chief writes it after each epoch)"))
     else:
-        workers = status.get("num_workers")
-        lines.append(_row("name", f"{status.get('name', '-')}" + (f" ({workers} worker(s))" if workers else "")))
-        lines.append(_row("state", f"{status.get('state', '-')}, phase {status.get('phase') or '-'}, "
-                                   f"epoch {status.get('epoch') or '-'}/{status.get('total_epochs') or '-'}"))
-        lines.append(_row("metrics", format_metrics(status.get("metrics") or {})))
-        speed = status.get("images_per_second")
+        workers = status.num_workers
+        lines.append(_row("name", f"{status.name or '-'}" + (f" ({workers} worker(s))" if workers else "")))
+        lines.append(_row("state", f"{status.state}, phase {status.phase or '-'}, "
+                                   f"epoch {status.epoch or '-'}/{status.total_epochs or '-'}"))
+        lines.append(_row("metrics", format_metrics(status.metrics)))
+        speed = status.images_per_second
         lines.append(_row("throughput", f"{speed:.1f} images/s" if isinstance(speed, (int, float)) else "-"))
-        lines.append(_row("ETA", _eta(status, now)))
-        lines.append(_row("updated", _when(status.get("updated_at"), now)))
-        lines.append(_row("started", _when(status.get("started_at"), now)))
-    lines.append(_row("_SUCCESS", "yes: the run is finished and published" if finished else "no: not finished"))
+        lines.append(_row("ETA", _eta(status)))
+        lines.append(_row("updated", _when(status.updated_at, now)))
+        lines.append(_row("started", _when(status.started_at, now)))
+    lines.append(_row(rundir.SUCCESS, "yes: the run is finished and published" if finished else "no: not finished"))
     return lines
 
 
-def _eta(status: Mapping[str, Any], now: dt.datetime) -> str:
-    eta = status.get("eta_s")
-    if status.get("state") == "succeeded":
+def _eta(status: rundir.Status) -> str:
+    eta = status.eta_s
+    if status.state == "succeeded":
         return "done"
     if not isinstance(eta, (int, float)):
         return "-"
-    updated = parse_time(status.get("updated_at"))
+    updated = parse_time(status.updated_at)
     # The estimate was made at the last update; the finish time it implies does not move with `now`.
     finish = f" (about {(updated + dt.timedelta(seconds=eta)).strftime('%Y-%m-%d %H:%M UTC')})" if updated else ""
     return f"{format_duration(eta)} after the last update{finish}"
@@ -235,13 +214,13 @@ def _write(lines: list[str]) -> None:
 
 def show_status(run: str, *, k8s_job: str | None, namespace: str) -> int:
     """Prints the run's status (and the Kubernetes Job's with k8s_job); returns the exit code."""
-    status = read_status(run)
-    finished = storage.is_finished(run)
+    status = rundir.read_status(run)
+    finished = rundir.is_finished(run)
     _write(format_run(run, status, finished, dt.datetime.now(dt.timezone.utc)))
     if k8s_job is not None:
         configuration = kube_configuration(os.environ)
         _write(format_job(*fetch_job(configuration, k8s_job, namespace)))
     if status is None and not finished:
-        raise ConfigError(f"{run}: no {STATUS_FILE} and no {storage.SUCCESS_NAME}. Fix: check the path; a run "
+        raise ConfigError(f"{run}: no {rundir.STATUS} and no {rundir.SUCCESS}. Fix: check the path; a run "
                           f"that has not finished its first epoch has no status yet.")
     return EXIT_OK

@@ -46,7 +46,6 @@ from tljob.errors import ConfigError, RetryableError
 
 _LOG = logging.getLogger(__name__)
 
-SUCCESS_NAME = "_SUCCESS"
 DEADLINE_ENV = "TLJOB_STORAGE_DEADLINE_S"
 DEFAULT_DEADLINE_S = 300.0
 # One file above this size moves in concurrent chunks; below it, files move whole, many at once.
@@ -55,13 +54,13 @@ CHUNK_BYTES = 32 * 2**20
 # Transfers are network-bound, so threads beat processes (no pickling of clients or blobs).
 MAX_WORKERS = 8
 # Local partial files (atomic writes, downloads in flight) carry this prefix and are never listed,
-# so a crash mid-write cannot leave a half file that a listing or a _SUCCESS would count.
+# so a crash mid-write cannot leave a half file that a listing or a publish marker would count.
 _TMP_PREFIX = ".tljob-tmp-"
 _EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _EMULATOR_PROJECT = "tljob-local"
 _CRC_READ_BYTES = 4 * 2**20
 
-# One file in a _SUCCESS listing: {"size": bytes, "crc32c": base64 as GCS reports it}.
+# One file in a publish marker's listing: {"size": bytes, "crc32c": base64 as GCS reports it}.
 FileEntry = dict[str, int | str | None]
 
 # google-cloud-storage 3.x otherwise starts a background GET of each bucket's metadata only to
@@ -436,7 +435,8 @@ def exists(path: str) -> bool:
             return False  # the bucket itself is missing
 
 
-def _file_exists(path: str) -> bool:
+def is_file(path: str) -> bool:
+    """True if `path` is a file or object (not a folder or prefix)."""
     if not is_remote(path):
         return os.path.isfile(local_path(path))
     with _gcs_errors(path, "check", writing=False):
@@ -741,25 +741,23 @@ def preflight(output: str) -> None:
         ) from err
 
 
-def publish(
-    local_dir: str, output: str, success_name: str = SUCCESS_NAME
-) -> dict[str, dict[str, FileEntry]]:
-    """Publish a finished run: copy local_dir to `output`, then write `success_name` LAST.
+def publish(local_dir: str, output: str, marker: str) -> dict[str, dict[str, FileEntry]]:
+    """Publish a finished run: copy local_dir to `output`, then write the file `marker` LAST.
 
-    `success_name` holds {"files": {relative path: {"size": int, "crc32c": base64}}} for every
+    `marker` holds {"files": {relative path: {"size": int, "crc32c": base64}}} for every
     file under `output` but itself, and is returned. Until it exists the run reads as
     unfinished, so a crash at any point leaves no false success; calling again completes it.
     """
-    marker = join(output, success_name)
-    _remove_file(marker)
+    marker_path = join(output, marker)
+    _remove_file(marker_path)
     if is_remote(output) or not _same_local_dir(local_dir, output):
-        # A _SUCCESS inside local_dir (from an earlier publish in place) must not go out early.
-        _upload(local_dir, output, skip=frozenset({success_name}))
-    listing = {rel: v for rel, v in _listing_with_crc(output).items() if rel != success_name}
+        # A marker inside local_dir (from an earlier publish in place) must not go out early.
+        _upload(local_dir, output, skip=frozenset({marker}))
+    listing = {rel: v for rel, v in _listing_with_crc(output).items() if rel != marker}
     document: dict[str, dict[str, FileEntry]] = {
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in listing.items()}
     }
-    write_text(marker, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    write_text(marker_path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     _LOG.info(
         "published %s: %d files, %d bytes",
         output,
@@ -767,11 +765,6 @@ def publish(
         sum(s for s, _ in listing.values()),
     )
     return document
-
-
-def is_finished(output: str) -> bool:
-    """A run is finished exactly when its _SUCCESS exists."""
-    return _file_exists(join(output, SUCCESS_NAME))
 
 
 class Mirror:

@@ -1,17 +1,11 @@
-"""What a run is: the two phases, their callbacks, resume, and publishing the result.
+"""What a run is: the two phases, resume, and publishing the result (the callbacks: tljob.callbacks).
 
 Runs on every worker. All workers execute the same program (the collectives need it); only the chief
 writes the run's files. Non-chief workers write what the collectives force them to write (backups,
 exports) into temporary directories that are removed again.
 
-Run directory (staged locally; `output` may be gs://, mirrored from the staging directory), with the
-folders of tljob.layout (Vertex AI's under a custom job) for the model, backups and logs:
-  backup/<phase>/                  BackupAndRestore state while a phase runs (removed when it completes)
-  checkpoints/<phase>.weights.h5   weights at the end of each finished phase
-  state.json                       which phases are finished
-  params.yaml                      the config, from the start of training (a resumed run is checked against it)
-  history.json, status.json, logs/ (TensorBoard) during the run; at the end model/, metrics.json,
-  curves.png, evaluation.json and confusion.png (with a test split), metadata.json, and _SUCCESS last.
+The run directory (its files: tljob.rundir) is staged locally and, for a gs:// `output`, mirrored from the
+staging directory.
 """
 
 from __future__ import annotations
@@ -23,26 +17,24 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from tljob import cluster, config, data, export, fastval, faults, model as model_lib, report, storage
-from tljob.config import JobConfig, PhaseConfig, digest, to_dict, to_yaml
-from tljob.errors import EXIT_OK, ConfigError, RetryableError
-from tljob.layout import RunLayout
-from tljob import console
+from tljob import callbacks, cluster, console, data, export, fastval, faults, policy, report, rundir, storage
+from tljob import model as model_lib
+from tljob.config import JobConfig, PhaseConfig, digest, to_dict
+from tljob.errors import EXIT_OK, RetryableError
+from tljob.rundir import RunLayout
 
 log = logging.getLogger(__name__)
 
 PHASES = ("feature_extraction", "fine_tuning")
-STATE = "state.json"
-# The file of a checkpoint folder that names its latest checkpoint (tf.train.CheckpointManager's).
+# The file of a checkpoint folder that names its latest checkpoint (tf.train.CheckpointManager's): a backup
+# uploads it after the files it names.
 CHECKPOINT_INDEX = frozenset({"checkpoint"})
-CHECKPOINTS = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +50,7 @@ class RunContext:
     layout: RunLayout  # where the model, backups and logs go in the run directory
 
 
-# ----------------------------------------------------------------------------- pure policy
-
-
-def phase_epochs(cfg: JobConfig) -> dict[str, tuple[int, int]]:
-    """(initial_epoch, end_epoch) per phase; fine-tuning continues the epoch count."""
-    p1 = cfg.train.feature_extraction.epochs
-    return {"feature_extraction": (0, p1), "fine_tuning": (p1, p1 + cfg.train.fine_tuning.epochs)}
+# ----------------------------------------------------------------------------- paths
 
 
 def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
@@ -78,24 +64,6 @@ def staging_dir(output: str, staging_root: str | None, task_index: int) -> Path:
     return root / "tljob-staging" / name / f"worker-{task_index}"
 
 
-def check_global_batch(num_examples: int, batch_size: int, replicas: int) -> None:
-    """ConfigError when the global batch is larger than the training set, before any training step.
-
-    The endless training stream would fill each batch with repeats of the same images, and a batch's
-    augmentation holds the whole batch as float images at once: far too large a batch ended in an
-    out-of-memory traceback (exit 1) instead of this message. With it, every epoch has a full batch.
-    """
-    global_batch = batch_size * replicas
-    if global_batch <= num_examples:
-        return
-    most = num_examples // replicas
-    fix = (f"set data.batch_size to at most {most}, or add training data" if most
-           else f"add training data: {replicas} replicas need at least {replicas} images")
-    raise ConfigError(
-        f"data.batch_size={batch_size}: the global batch ({batch_size} x {replicas} replicas = {global_batch}) is "
-        f"larger than the {num_examples} training images. Fix: {fix}.")
-
-
 def tfds_data_dir(output: str, data_dir: str | None) -> str | None:
     """data.data_dir, or for a gs:// run gs://BUCKET/tfds: one copy of each TFDS dataset that the chief prepares
     and every worker and restart of every run in the bucket reads (outside the run directory, which a restarted
@@ -105,27 +73,11 @@ def tfds_data_dir(output: str, data_dir: str | None) -> str | None:
     return "gs://" + output.removeprefix("gs://").split("/", 1)[0] + "/tfds"
 
 
-def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
-    """Drops records of epochs that are about to run again (1-based `epoch` > 0-based `first_epoch`)."""
-    return [h for h in history if h["epoch"] <= first_epoch]
-
-
-def eta_seconds(history: list[dict], total_epochs: int) -> float:
-    done = [h for h in history if "seconds" in h]
-    if not done:
-        return 0.0
-    return sum(h["seconds"] for h in done[-3:]) / len(done[-3:]) * max(total_epochs - history[-1]["epoch"], 0)
-
-
 def weights_digest(weights: list[np.ndarray]) -> str:
     digest_ = hashlib.sha256()
     for w in weights:
         digest_.update(np.ascontiguousarray(w).tobytes())
     return digest_.hexdigest()[:16]
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ----------------------------------------------------------------------------- entry
@@ -138,10 +90,10 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     spec = cluster.resolve_cluster(os.environ)
     log.debug("cluster: %s", spec.describe())  # resolve_cluster logs it
     storage.preflight(cfg.output)
-    if storage.is_finished(cfg.output):
-        log.info("run %s is already finished (_SUCCESS exists): not retraining", cfg.output)
+    if rundir.is_finished(cfg.output):
+        log.info("run %s is already finished (%s exists): not retraining", cfg.output, rundir.SUCCESS)
         return EXIT_OK
-    check_resumed_config(cfg, cfg.output)
+    rundir.check_resumed(cfg, cfg.output)
     cluster.apply_cluster_env(spec, os.environ)
     # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
     strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
@@ -151,7 +103,8 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         cfg=cfg,
         spec=spec,
         replicas=replicas,
-        global_batch=cluster.global_batch_size(cfg.data.batch_size, replicas),
+        # Each replica takes data.batch_size examples per step; the step's gradient averages all of them.
+        global_batch=cfg.data.batch_size * replicas,
         staging=staging_dir(cfg.output, cfg.runtime.staging_dir, spec.task_index),
         is_chief=cluster.is_chief(strategy),
         layout=layout,
@@ -171,191 +124,6 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         raise
 
 
-def check_resumed_config(cfg: JobConfig, output: str) -> None:
-    """ConfigError when `output` is an unfinished run that started training with another config than `cfg`.
-
-    Runs on every worker, before anything is built, reading the run's params.yaml from the output itself
-    (the bucket for gs:// outputs): all workers refuse alike. Keys safe to change on resume:
-    config.SAFE_ON_RESUME_SECTIONS and config.SAFE_ON_RESUME_KEYS.
-    """
-    params = storage.join(output, export.PARAMS)
-    try:
-        saved = storage.read_text(params)
-    except FileNotFoundError:
-        return  # training never started there: a new run, or one stopped by a config or data error
-    changes = config.changes_on_resume(saved, params, cfg)
-    if changes:
-        safe = ", ".join([f"{s}.*" for s in config.SAFE_ON_RESUME_SECTIONS] + list(config.SAFE_ON_RESUME_KEYS))
-        raise ConfigError(
-            f"{output} is an unfinished run that started with another config; resuming would continue it with "
-            f"the new values mixed in. Changed: {'; '.join(changes)}. Fix: resume with the values in {params}, or "
-            f"start a new run with another --output (or delete {output} to start over). Safe to change when "
-            f"resuming: {safe}.")
-
-
-# ----------------------------------------------------------------------------- callbacks
-
-
-class RunBackup(tf.keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that also backs up at epoch end with step bookkeeping, on demand (SIGTERM),
-    and hands every saved backup to `on_saved` (the chief uploads it to the bucket).
-
-    Keras only resumes mid-epoch when `save_freq` is an int, so the parent always gets an int (never
-    reached when no step backups are wanted) and epoch-end backups are made here. The step a backup
-    records is the last one finished (the parent records the first step of the running execution,
-    which with `steps_per_execution` N > 1 would redo N - 1 steps on resume, and at an epoch end make
-    a restore run the epoch's last steps again). Every save is a stage with collectives for the watchdog.
-    """
-
-    _NEVER = 2**62
-
-    def __init__(self, backup_dir: str, every_steps: int | None, on_saved: Any, watchdog: faults.Watchdog):
-        super().__init__(backup_dir, save_freq=every_steps or self._NEVER, delete_checkpoint=True)
-        self._on_saved = on_saved
-        self._watchdog = watchdog
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        """The step is recorded when it has finished (on_train_batch_end), not when it starts."""
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        # `batch` is the last step the execution ran: a restore continues with the one after it.
-        self._training_state._ckpt_saved_batch.assign(batch)
-        super().on_train_batch_end(batch, logs)
-
-    def _backup(self, epoch: int, batch: int = 0) -> None:
-        with self._watchdog.working("backup", collectives=True):
-            super()._backup(epoch=epoch, batch=batch)
-            self._on_saved()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        # _ckpt_saved_batch holds the epoch's last step here, so a restore starts the next epoch.
-        self._backup(epoch=epoch)
-
-    def backup_now(self) -> None:
-        """Saves at the last finished step (on_train_batch_end recorded it); a restore continues with the next."""
-        self._backup(epoch=self._current_epoch)
-
-
-class FaultCallback(tf.keras.callbacks.Callback):
-    """Feeds the watchdog from fit's batch ends and turns a termination request into a backup + exit 75.
-
-    Runs on every worker. While fit trains, the watchdog's stage is "training": every batch end (train
-    and validation) and epoch boundary beats, and `peer_timeout_s` without a beat means a dead or frozen
-    peer. The first training step and the first validation step trace and compile their step function,
-    which contains collectives: each is a stage of its own with the bounded allowance.
-    """
-
-    def __init__(self, watchdog: faults.Watchdog, stop: faults.StopCheck, on_terminate: Any):
-        super().__init__()
-        self.watchdog = watchdog
-        self.stop = stop
-        self.on_terminate = on_terminate
-        self._training: int | None = None
-        self._tracing: int | None = None
-        self._traced: set[str] = set()
-
-    def _enter_tracing(self, what: str) -> None:
-        if what not in self._traced:
-            self._traced.add(what)
-            self._tracing = self.watchdog.enter(f"first {what} step (tracing)", self.watchdog.allowance_s)
-
-    def _leave_tracing(self) -> None:
-        if self._tracing is not None:
-            self.watchdog.leave(self._tracing)
-            self._tracing = None
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self._training = self.watchdog.enter("training", self.watchdog.timeout_s)
-        self._enter_tracing("training")
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        if self._training is not None:
-            self.watchdog.leave(self._training)
-            self._training = self._tracing = None
-
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        self._enter_tracing("validation")
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.watchdog.beat()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.watchdog.beat()
-
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._leave_tracing()
-        self.watchdog.beat()
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._leave_tracing()
-        self.watchdog.beat()
-        if self.stop.should_stop():
-            log.warning("termination requested (SIGTERM here or on a peer) at batch %d: saving a backup", batch)
-            self.on_terminate()
-            raise RetryableError(
-                f"stopped at batch {batch} after SIGTERM (here or on a peer); the backup is saved and a "
-                "restarted job resumes from it"
-            )
-
-
-class Progress(tf.keras.callbacks.Callback):
-    """Per-epoch bookkeeping on every worker; the chief logs, records history and status, and syncs."""
-
-    def __init__(self, trainer: "Trainer", phase: str, steps: int,
-                 cached_validation: fastval.CachedValidation | None = None):
-        super().__init__()
-        self.t = trainer
-        self.phase = phase
-        self.steps = steps
-        self.cached_validation = cached_validation
-        self._epoch_start = 0.0
-        self._train_seconds = 0.0
-        self._first = True
-
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        # Validation runs inside the epoch; images per second counts training steps only.
-        self._train_seconds = time.perf_counter() - self._epoch_start
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        if self._first:
-            # The first epoch of this attempt: anything recorded for it or later is being redone.
-            self._first = False
-            self.t.history = trim_history(self.t.history, epoch)
-            self.t.attempt_first_epochs[self.phase] = epoch + 1
-        self._epoch_start = time.perf_counter()
-        self._train_seconds = 0.0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self._epoch_start
-        # fit's own validation is timed from on_test_begin; cached validation reports its own duration.
-        train_seconds = self._train_seconds or seconds - (
-            self.cached_validation.last_seconds if self.cached_validation else 0.0)
-        record = {"epoch": epoch + 1, "phase": self.phase}
-        record.update({k: float(v) for k, v in (logs or {}).items()})
-        record.update(seconds=round(seconds, 3),
-                      images_per_second=round(self.steps * self.t.ctx.global_batch / train_seconds, 1),
-                      global_batch_size=self.t.ctx.global_batch, replicas=self.t.ctx.replicas,
-                      num_workers=self.t.ctx.spec.num_workers, attempt=self.t.attempt)
-        self.t.history.append(record)
-        self.t.on_epoch_recorded(record)
-
-
-class FileSync(tf.keras.callbacks.Callback):
-    """Chief only: uploads TensorBoard logs at most every `every_s` seconds (gs:// outputs)."""
-
-    def __init__(self, mirror: storage.Mirror, logs: str, every_s: float):
-        super().__init__()
-        self.mirror = mirror
-        self.logs = logs
-        self.every_s = every_s
-        self._last = time.monotonic()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if time.monotonic() - self._last >= self.every_s:
-            self.mirror.push(self.logs)
-            self._last = time.monotonic()
-
-
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -367,11 +135,11 @@ class Trainer:
         self.cfg = ctx.cfg
         self.strategy = strategy
         self.mirror = storage.Mirror(str(ctx.staging), self.cfg.output)
+        self.files = rundir.RunFiles(ctx.staging)
         self.history: list[dict] = []
         self.attempt = 1
-        self.attempt_first_epochs: dict[str, int] = {}
-        self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.ends = phase_epochs(self.cfg)
+        self.started_at = rundir.now()
+        self.ends = policy.phase_epochs(self.cfg)
         self.total_epochs = self.ends["fine_tuning"][1]
         self.watchdog = faults.Watchdog(self.cfg.runtime.peer_timeout_s)
         self.termination = faults.GracefulTermination(self.cfg.runtime.termination_grace_s)
@@ -408,44 +176,42 @@ class Trainer:
         """Brings the bucket's copy of an unfinished run to local disk; returns the finished phases."""
         self.ctx.staging.mkdir(parents=True, exist_ok=True)
         self.mirror.pull()
-        self.history = export.read_json(self._path(export.HISTORY), [])
-        state = export.read_json(self._path(STATE), {})
-        self.attempt = int(state.get("attempts", 0)) + 1
-        done = list(state.get("completed_phases", []))
+        self.history = self.files.history()
+        state = self.files.state()
+        self.attempt = state.attempts + 1
+        done = list(state.completed_phases)
         if self.history or done:
             log.info("resuming: finished phases %s, %d epochs recorded, attempt %d", done or "none",
                      len(self.history), self.attempt)
         if self.ctx.is_chief:
-            export.write_json(self._path(STATE), {**state, "attempts": self.attempt})
+            self.files.write_state(dataclasses.replace(state, attempts=self.attempt))
             # At once, not with the next phase's end: an attempt that dies before then still counts.
-            self.mirror.push_file(STATE)
+            self.mirror.push_file(rundir.STATE)
         return done
 
     def _mark_phase_done(self, phase: str, done: list[str]) -> None:
         done.append(phase)
         if self.ctx.is_chief:
-            state = export.read_json(self._path(STATE), {})
-            export.write_json(self._path(STATE), {**state, "completed_phases": done})
+            self.files.write_state(rundir.State(self.attempt, tuple(done)))
             self._upload("the run's state", self.mirror.push)
 
     def on_epoch_recorded(self, record: dict) -> None:
-        metrics = {k: v for k, v in record.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
-        eta = eta_seconds(self.history, self.total_epochs)
+        metrics = {k: record[k] for k in rundir.METRIC_KEYS if k in record}
+        eta = policy.eta_seconds(self.history, self.total_epochs)
         log.info("phase=%s epoch %d/%d %s %.1f img/s ETA %s", record["phase"], record["epoch"], self.total_epochs,
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), record["images_per_second"],
                  dt.timedelta(seconds=round(eta)))
         if not self.ctx.is_chief:
             return
-        export.write_json(self._path(export.HISTORY), self.history)
-        export.write_json(self._path(export.STATUS), {
-            "state": "running", "phase": record["phase"], "epoch": record["epoch"],
-            "total_epochs": self.total_epochs, "metrics": metrics,
-            "images_per_second": record["images_per_second"], "eta_s": round(eta, 1),
-            "updated_at": _now(), "started_at": self.started_at, "name": self.cfg.name,
-            "num_workers": self.ctx.spec.num_workers,
-        })
-        self._upload("history and status", lambda: (self.mirror.push_file(export.HISTORY),
-                                                    self.mirror.push_file(export.STATUS)))
+        self.files.write_history(self.history)
+        self._write_status("running", eta)
+        self._upload("history and status", lambda: (self.mirror.push_file(rundir.HISTORY),
+                                                    self.mirror.push_file(rundir.STATUS)))
+
+    def _write_status(self, state: str, eta_s: float) -> None:
+        self.files.write_status(rundir.Status.after(
+            self.history, state=state, eta_s=eta_s, total_epochs=self.total_epochs, started_at=self.started_at,
+            name=self.cfg.name, num_workers=self.ctx.spec.num_workers))
 
     # -- the run
 
@@ -465,7 +231,7 @@ class Trainer:
         with self.watchdog.working("loading data (decode pass)", collectives=False):
             ds = data.load_dataset(data_cfg, seed=self.cfg.seed, cache_dir=cache_dir, chief=self.ctx.is_chief)
         workers = self.ctx.spec.num_workers
-        check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
+        policy.check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
             ds.train.num_examples, self.ctx.global_batch, drop_remainder=workers > 1)
         # One endless stream, `steps` batches per epoch: with a finite dataset Keras makes a new iterator
@@ -487,12 +253,12 @@ class Trainer:
                     model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
         if self.ctx.is_chief:
             # When training starts (its data and model are ready), not only at the end: a resumed run is checked
-            # against it (check_resumed_config). Rewritten each attempt, with the safe keys' new values.
-            storage.write_text(str(self._path(export.PARAMS)), to_yaml(self.cfg))
-            self.mirror.push_file(export.PARAMS)
+            # against it (rundir.check_resumed). Rewritten each attempt, with the safe keys' new values.
+            self.files.write_params(self.cfg)
+            self.mirror.push_file(rundir.PARAMS)
         for phase in PHASES:
             phase_cfg = getattr(self.cfg.train, phase)
-            ckpt = self._path(CHECKPOINTS, f"{phase}.weights.h5")
+            ckpt = self._path(rundir.CHECKPOINTS, f"{phase}.weights.h5")
             if phase == "fine_tuning":
                 with self.strategy.scope():
                     model_lib.unfreeze_from(model, self.cfg.train.fine_tuning.fine_tune_at)
@@ -534,36 +300,31 @@ class Trainer:
         trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
         log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
                  phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
-        backup = RunBackup(str(self._path(self.ctx.layout.backup, phase)), self.cfg.runtime.backup_every_steps,
-                           self._push_backup, self.watchdog)
         # After compile: the cached-validation split follows the layers' trainable flags of this phase.
         cached_validation, val_ds = self._validation(model, ds, val_ds)
-        callbacks: list[tf.keras.callbacks.Callback] = [
-            # First: the epoch's val_* metrics must be in `logs` before Progress and TensorBoard read them.
-            *([cached_validation] if cached_validation else []),
-            *console.progress_bar(phase=phase, steps=steps, total_epochs=self.total_epochs,
-                                  global_batch=self.ctx.global_batch, chief=self.ctx.is_chief),
-            # History before backup at each epoch end: a crash between the two re-runs an epoch that
-            # history already has (trimmed on resume), never leaves a backed-up epoch out of history.
-            Progress(self, phase, steps, cached_validation),
-            backup,
+        ctx, runtime, logs = self.ctx, self.cfg.runtime, self.ctx.layout.logs
+        chief_remote = ctx.is_chief and storage.is_remote(self.cfg.output or "")
+        fit_callbacks = callbacks.make_callbacks(
+            phase=phase, steps=steps, global_batch=ctx.global_batch, history=self.history,
+            tags={"global_batch_size": ctx.global_batch, "replicas": ctx.replicas,
+                  "num_workers": ctx.spec.num_workers, "attempt": self.attempt}, on_record=self.on_epoch_recorded,
+            backup_dir=str(self._path(ctx.layout.backup, phase)), backup_every_steps=runtime.backup_every_steps,
+            on_backup_saved=self._push_backup, watchdog=self.watchdog, cached_validation=cached_validation,
+            # A bar per epoch on the chief in a terminal (console.wants_progress_bar); a pod's log has the epoch line.
+            progress_bar=console.wants_progress_bar(ctx.is_chief), total_epochs=self.total_epochs,
             # Multi-worker: the SIGTERM agreement is an all-reduce (~3.5 ms on loopback), so not every batch.
-            FaultCallback(self.watchdog, faults.StopCheck(self.termination, self.agree, faults.calls_between_checks(
-                self.cfg.train.steps_per_execution, self.ctx.spec.num_workers)), backup.backup_now),
-        ]
-        if self.ctx.is_chief:
-            callbacks.append(tf.keras.callbacks.TensorBoard(str(self._path(self.ctx.layout.logs, phase)), update_freq="epoch"))
-            if storage.is_remote(self.cfg.output or ""):
-                callbacks.append(FileSync(self.mirror, self.ctx.layout.logs, self.cfg.runtime.log_sync_s))
-        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start,
-                  steps_per_epoch=steps,
-                  validation_steps=self.cfg.train.validation_steps, callbacks=callbacks, verbose=0)
+            stop=faults.StopCheck(self.termination, self.agree, faults.calls_between_checks(
+                self.cfg.train.steps_per_execution, ctx.spec.num_workers)),
+            tensorboard_dir=str(self._path(logs, phase)) if ctx.is_chief else None,
+            sync_logs=(lambda: self.mirror.push(logs)) if chief_remote else None, log_sync_s=runtime.log_sync_s)
+        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start, steps_per_epoch=steps,
+                  validation_steps=self.cfg.train.validation_steps, callbacks=fit_callbacks, verbose=0)
 
     def _compile(self, model: tf.keras.Model, phase_cfg: PhaseConfig, num_classes: int) -> float:
         """Compiles for a phase on every worker (the optimizer's variables are created in the strategy's
         scope); returns the learning rate."""
-        lr = cluster.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
-                                   self.cfg.train.reference_batch_size)
+        lr = policy.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
+                                  self.cfg.train.reference_batch_size)
         with self.strategy.scope():
             model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
                                         steps_per_execution=self.cfg.train.steps_per_execution)
@@ -588,10 +349,10 @@ class Trainer:
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
         # Every worker saves (under a multi-worker strategy a save may run collectives that all must join);
         # non-chiefs to a temp dir.
-        target = self._write_dir(CHECKPOINTS)
+        target = self._write_dir(rundir.CHECKPOINTS)
         target.mkdir(parents=True, exist_ok=True)
         model.save_weights(str(target / f"{phase}.weights.h5"))
-        self._cleanup_worker_dir(target, CHECKPOINTS)
+        self._cleanup_worker_dir(target, rundir.CHECKPOINTS)
 
     def _finish(self, model: tf.keras.Model, ds: data.Dataset) -> int:
         workers = self.ctx.spec.num_workers
@@ -618,7 +379,7 @@ class Trainer:
         with self.watchdog.working("publish", collectives=False):
             # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
             storage.remove_tree(storage.join(self.cfg.output or "", self.ctx.layout.backup))
-            listing = storage.publish(str(self.ctx.staging), self.cfg.output or "")
+            listing = self.files.publish(self.cfg.output or "")
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
 
@@ -677,24 +438,17 @@ class Trainer:
             "replicas": ctx.replicas,
             "evaluation": report.summary(evaluation) if evaluation else None,
         }
-        export.write_json(self._path(export.METRICS), metrics)
-        export.write_json(self._path(export.HISTORY), self.history)
+        self.files.write_json(rundir.METRICS, metrics)
+        self.files.write_history(self.history)
         p1_end = self.ends["feature_extraction"][1]
-        export.plot_curves(self.history, self._path(export.CURVES),
+        export.plot_curves(self.history, self._path(rundir.CURVES),
                            p1_end if cfg.train.fine_tuning.epochs and p1_end else None)
         meta = export.metadata(
             class_names=ds.class_names, image_size=cfg.data.image_size, config_digest=digest(cfg),
             num_workers=ctx.spec.num_workers, replicas=ctx.replicas, global_batch=ctx.global_batch, tflite=tflite)
-        export.write_json(self._path(export.METADATA), meta)
+        self.files.write_json(rundir.METADATA, meta)
         splits = {s.name: s.num_examples for s in (ds.train, ds.validation, ds.test) if s is not None}
         export.write_model_package(self._path(self.ctx.layout.model), meta, export.model_card(
             name=cfg.name, meta=meta, params=to_dict(cfg), metrics=metrics, evaluation=evaluation, split_sizes=splits))
-        last = self.history[-1] if self.history else {}
-        export.write_json(self._path(export.STATUS), {
-            "state": "succeeded", "phase": last.get("phase"), "epoch": last.get("epoch"),
-            "total_epochs": self.total_epochs,
-            "metrics": {k: v for k, v in last.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")},
-            "images_per_second": last.get("images_per_second"), "eta_s": 0.0, "updated_at": _now(),
-            "started_at": self.started_at, "name": cfg.name, "num_workers": ctx.spec.num_workers,
-        })
+        self._write_status("succeeded", 0.0)
         console.log_summary(cfg.output or "", metrics, self.history)

@@ -1,0 +1,58 @@
+"""Training policy as small pure functions: the global batch, learning-rate scaling, the phases' epochs, the
+ETA, and which history records a resumed attempt redoes. No TensorFlow (tests/test_policy.py runs without it).
+The values come validated from tljob.config.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tljob.config import JobConfig
+from tljob.errors import ConfigError
+
+
+def check_global_batch(num_examples: int, batch_size: int, replicas: int) -> None:
+    """ConfigError when the global batch is larger than the training set, before any training step.
+
+    The endless training stream would fill each batch with repeats of the same images, and a batch's
+    augmentation holds the whole batch as float images at once: far too large a batch ended in an
+    out-of-memory traceback (exit 1) instead of this message. With it, every epoch has a full batch.
+    """
+    global_batch = batch_size * replicas
+    if global_batch <= num_examples:
+        return
+    most = num_examples // replicas
+    fix = (f"set data.batch_size to at most {most}, or add training data" if most
+           else f"add training data: {replicas} replicas need at least {replicas} images")
+    raise ConfigError(
+        f"data.batch_size={batch_size}: the global batch ({batch_size} x {replicas} replicas = {global_batch}) is "
+        f"larger than the {num_examples} training images. Fix: {fix}.")
+
+
+def learning_rate(base_lr: float, rule: str, global_batch: int, reference_batch: int) -> float:
+    """The rate for `global_batch`, given `base_lr` tuned at `reference_batch` (config.LR_RULES).
+
+    none: the tutorial's rate as written; linear: scaled by global/reference (Goyal et al. 2017);
+    sqrt: by its square root, gentler for adaptive optimizers such as Adam and RMSprop.
+    """
+    ratio = global_batch / reference_batch
+    return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
+def phase_epochs(cfg: JobConfig) -> dict[str, tuple[int, int]]:
+    """(initial_epoch, end_epoch) per phase; fine-tuning continues the epoch count."""
+    p1 = cfg.train.feature_extraction.epochs
+    return {"feature_extraction": (0, p1), "fine_tuning": (p1, p1 + cfg.train.fine_tuning.epochs)}
+
+
+def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
+    """Drops records of epochs that are about to run again (1-based `epoch` > 0-based `first_epoch`)."""
+    return [h for h in history if h["epoch"] <= first_epoch]
+
+
+def eta_seconds(history: list[dict], total_epochs: int) -> float:
+    """Seconds left: the mean duration of the last three epochs times the epochs still to run."""
+    done = [h for h in history if "seconds" in h]
+    if not done:
+        return 0.0
+    return sum(h["seconds"] for h in done[-3:]) / len(done[-3:]) * max(total_epochs - history[-1]["epoch"], 0)
