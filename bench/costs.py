@@ -2,7 +2,7 @@
 
     python -m bench.costs publish --run RUN_DIR --repeats N
 
-Starts gcp-storage-emulator (tests/fixtures_gcs.py's GcsEmulator), then `storage.publish`es the run
+Starts gcp-storage-emulator (tests/fixtures_gcs.py's GcsEmulator), then publishes the run as the trainer does (`rundir.RunFiles.publish`)
 directory to a fresh prefix N times: upload of every file, listing with checksums, `_SUCCESS` last.
 """
 
@@ -23,7 +23,7 @@ def publish(run: Path, repeats: int) -> dict[str, object]:
     sys.path.insert(0, str(ROOT / "tests"))
     from fixtures_gcs import GcsEmulator, create_bucket
 
-    from tljob import storage
+    from tljob import rundir
 
     files = [p for p in run.rglob("*") if p.is_file() and p.name != "_SUCCESS"]
     emulator = GcsEmulator().start()
@@ -33,7 +33,7 @@ def publish(run: Path, repeats: int) -> dict[str, object]:
         seconds = []
         for i in range(repeats):
             start = time.perf_counter()
-            storage.publish(str(run), f"{bucket}/run-{i}")
+            rundir.RunFiles(run).publish(f"{bucket}/run-{i}")
             seconds.append(time.perf_counter() - start)
     finally:
         emulator.stop()
