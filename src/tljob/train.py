@@ -184,9 +184,9 @@ class Trainer:
             log.info("resuming: finished phases %s, %d epochs recorded, attempt %d", done or "none",
                      len(self.history), self.attempt)
         if self.ctx.is_chief:
+            # Uploaded with params.yaml once training starts (Trainer.run), not with the next phase's end: an
+            # attempt that dies in its first phase still counts.
             self.files.write_state(dataclasses.replace(state, attempts=self.attempt))
-            # At once, not with the next phase's end: an attempt that dies before then still counts.
-            self.mirror.push_file(rundir.STATE)
         return done
 
     def _mark_phase_done(self, phase: str, done: list[str]) -> None:
@@ -254,8 +254,11 @@ class Trainer:
         if self.ctx.is_chief:
             # When training starts (its data and model are ready), not only at the end: a resumed run is checked
             # against it (rundir.check_resumed). Rewritten each attempt, with the safe keys' new values.
+            # After the model build: its collectives are reached by every worker only once it has pulled the run,
+            # so no upload here changes a file under another worker's download.
             self.files.write_params(self.cfg)
             self.mirror.push_file(rundir.PARAMS)
+            self.mirror.push_file(rundir.STATE)
         for phase in PHASES:
             phase_cfg = getattr(self.cfg.train, phase)
             ckpt = self._path(rundir.CHECKPOINTS, f"{phase}.weights.h5")
