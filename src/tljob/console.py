@@ -55,7 +55,9 @@ class _BarAwareHandler(logging.StreamHandler):
 
         try:
             tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # noqa: BLE001 - logging's own contract: report and go on
+        # As logging.StreamHandler.emit: a failing log line must not stop training; handleError prints the
+        # record and the traceback to stderr, so the failure is reported, not swallowed.
+        except Exception:  # noqa: BLE001
             self.handleError(record)
 
 
