@@ -1,37 +1,41 @@
 """Step time of the recipe's model under a Keras precision policy: `python -m bench.precision [policy ...]`.
 
 Each policy runs in its own process (the policy is global to a process): MobileNetV2 at 160 px with random
-weights, batch 32, random images, the tutorial's head (the classifier kept in float32, as mixed precision
-needs); the median ms per step of frozen-base training, of fine-tuning from layer 100, and of inference.
-Default policies: float32 and mixed_bfloat16.
+weights, batch 32, random images in memory, the tutorial's head (the classifier kept in float32, as mixed
+precision needs); the median ms per step of frozen-base training, of fine-tuning from layer 100, and of
+inference. Default policies: float32 and mixed_bfloat16. Under float32 this is the floor that bench.run compares
+tljob's steps with (`--child float32 --image-size N --alpha A`, one result event).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
 import time
 
-BATCH, SIZE, STEPS = 32, 160, 12
+from bench import events, procs
+
+BATCH, STEPS = 32, 12
 
 
-def measure(policy: str) -> dict[str, float]:
+def measure(policy: str, size: int = 160, alpha: float = 1.0) -> dict[str, float]:
     import tljob  # noqa: F401 - selects tf-keras before TensorFlow loads
     import numpy as np
     import tensorflow as tf
 
     tf.keras.mixed_precision.set_global_policy(policy)
-    base = tf.keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), include_top=False, weights=None)
+    base = tf.keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None, alpha=alpha)
     base.trainable = False
-    inputs = tf.keras.Input((SIZE, SIZE, 3))
+    inputs = tf.keras.Input((size, size, 3))
     x = tf.keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
     x = tf.keras.layers.GlobalAveragePooling2D()(base(x, training=False))
     x = tf.keras.layers.Dropout(0.2)(x)
     model = tf.keras.Model(inputs, tf.keras.layers.Dense(1, activation="sigmoid", dtype="float32")(x))
     rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (BATCH * STEPS, SIZE, SIZE, 3)).astype("float32")
+    images = rng.uniform(0, 255, (BATCH * STEPS, size, size, 3)).astype("float32")
     labels = rng.integers(0, 2, BATCH * STEPS).astype("float32")
 
     def per_step(run) -> float:
@@ -57,12 +61,17 @@ def measure(policy: str) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
-        print(json.dumps(measure(argv[1])))  # noqa: T201 - read by the parent
+        parser = argparse.ArgumentParser()
+        parser.add_argument("policy")
+        parser.add_argument("--image-size", type=int, default=160)
+        parser.add_argument("--alpha", type=float, default=1.0)
+        args = parser.parse_args(argv[1:])
+        events.emit("result", result=measure(args.policy, args.image_size, args.alpha))
         return 0
     for policy in argv or ["float32", "mixed_bfloat16"]:
         child = subprocess.run([sys.executable, "-m", "bench.precision", "--child", policy], check=True,
                                capture_output=True, text=True)
-        print(policy, child.stdout.strip().splitlines()[-1])  # noqa: T201 - the benchmark's answer
+        print(policy, json.dumps(procs.first(events.parse(child.stdout), "result")["result"]))  # noqa: T201
     return 0
 
 

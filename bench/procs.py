@@ -146,6 +146,7 @@ def phase_summary(evts: list[dict], phase: str, images_per_epoch: int) -> dict[s
     metrics = epochs[-1]["metrics"] if epochs else {}
     return {
         "seconds": round(end["t"] - begin["t"], 2),
+        "cpu_cores_used": round((end["cpu_s"] - begin["cpu_s"]) / max(end["t"] - begin["t"], 1e-9), 2),
         "epochs": len(epochs),
         "epoch_seconds": [round(b["t"] - a["t"], 2) for a, b in zip([begin, *epochs], epochs)],
         "step_ms_median": round(statistics.median(steps) * 1000, 1) if steps else None,

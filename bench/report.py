@@ -1,5 +1,5 @@
 """The benchmark's outputs: <stem>.json (everything measured), <stem>.md (the table) and <stem>.png (the chart),
-plus the acceptance checks of issue 6 computed from the measured figures."""
+plus the acceptance checks of issues 6 and 16 computed from the measured figures."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _check(value: Any, target: str, ok: bool | None) -> dict[str, Any]:
 
 
 def acceptance(results: dict[str, Any]) -> dict[str, Any]:
-    """Issue 6's acceptance figures; `pass` is None where the section was not run. Binding in full mode only."""
+    """Issues 6 and 16's acceptance figures; `pass` is None where the section was not run. Binding in full mode."""
     ratio = results.get("recipe_time_ratio")
     acc = results.get("val_accuracy") or {}
     tl2, tu2 = _get(acc, "tljob", "fine_tuning"), _get(acc, "tutorial", "fine_tuning")
@@ -68,19 +68,36 @@ def acceptance(results: dict[str, Any]) -> dict[str, Any]:
     for phase in PHASES:
         eff = _get(results, "multiworker", phase, "weak_scaling_efficiency")
         out[f"weak_scaling_{phase}"] = _check(eff, ">= 0.85", None if eff is None else eff >= 0.85)
+    # Issue 16: the fast config against the tutorial's code, the steps against the bare model, peak memory.
+    fast = results.get("fast_time_ratio")
+    out["fast_time_ratio"] = _check(fast, "<= 0.33", None if fast is None else fast <= 0.33)
+    spread = results.get("val_accuracy_spread") or {}
+    fa, ta = _get(spread, "fast", "median"), _get(spread, "tutorial", "median")
+    out["fast_val_accuracy_median"] = _check({"fast": fa, "tutorial": ta}, "fast >= tutorial (medians over seeds)",
+                                             None if fa is None or ta is None else fa >= ta)
+    for phase in PHASES:
+        ratio = _get(results, "step_over_floor", "tljob", phase)
+        out[f"step_over_floor_{phase}"] = _check(ratio, "<= 1.15", None if ratio is None else ratio <= 1.15)
+    memory = results.get("peak_memory_mb") or {}
+    peak, bound = memory.get("tljob"), memory.get("tutorial_plus_cache_mb")
+    out["peak_memory"] = _check({"tljob": peak, "tutorial_plus_cache": bound}, "tljob <= tutorial + decoded cache",
+                                None if peak is None or bound is None else peak <= bound)
     return out
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     acc = results.get("val_accuracy") or {}
     lines = [f"mode={results['mode']} load before={results['load_before']} after={results['load_after']}"]
-    if "recipe_time_ratio" in results:
+    if "recipe" in results:
         med = results["recipe"]["median"]
-        lines.append(f"recipe_time_ratio={results['recipe_time_ratio']} (tljob {med['tljob']['recipe_seconds']} s / "
-                     f"tutorial {med['tutorial']['recipe_seconds']} s, median of pairs)")
-        for who in ("tutorial", "tljob"):
+        for key, who in (("recipe_time_ratio", "tljob"), ("fast_time_ratio", "fast")):
+            if key in results:
+                lines.append(f"{key}={results[key]} ({who} {med[who]['recipe_seconds']} s / tutorial "
+                             f"{med['tutorial']['recipe_seconds']} s, median of rounds)")
+        for who in med:
             lines.append(f"val_accuracy {who}: after phase 1 {_get(acc, who, 'feature_extraction')}, "
-                         f"after phase 2 {_get(acc, who, 'fine_tuning')}")
+                         f"after phase 2 {_get(acc, who, 'fine_tuning')} (over seeds: "
+                         f"{_get(results, 'val_accuracy_spread', who, 'runs')})")
     for name, check in results.get("acceptance", {}).items():
         lines.append(f"acceptance {name}: {check['value']} (target {check['target']}) pass={check['pass']}")
     return lines
@@ -102,26 +119,59 @@ def markdown(results: dict[str, Any]) -> str:
            f"before {r['load_before']}, after {r['load_after']}; {r['wall_seconds']} s in all.", ""]
     if "recipe" in r:
         med = r["recipe"]["median"]
-        out += ["## Recipe end to end (median of pairs run alternately)", "",
-                "| | tutorial code (Keras 3) | tljob | tljob / tutorial |", "|---|---|---|---|"]
+        jobs = [w for w in med if w != "tutorial"]
+        names = {"tljob": "tljob", "fast": "tljob fast config"}
+        out += ["## Recipe end to end (median of rounds run alternately)", "",
+                "| | tutorial code (Keras 3) | " + " | ".join(f"{names[w]} | / tutorial" for w in jobs) + " |",
+                "|---|---|" + "---|---|" * len(jobs)]
 
         def row(label: str, *path: str) -> None:
-            a, b = _get(med, "tutorial", *path), _get(med, "tljob", *path)
-            ratio = b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
-            out.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio)} |")
+            a = _get(med, "tutorial", *path)
+            cells = []
+            for w in jobs:
+                b = _get(med, w, *path)
+                ratio = b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
+                cells += [_fmt(b), _fmt(ratio)]
+            out.append(f"| {label} | {_fmt(a)} | " + " | ".join(cells) + " |")
 
         row("recipe wall time, s (start to last epoch)", "recipe_seconds")
         for p in PHASES:
             row(f"{p}: wall time, s", "phases", p, "seconds")
             row(f"{p}: images/s (training images / phase time)", "phases", p, "images_per_second")
             row(f"{p}: median step, ms", "phases", p, "step_ms_median")
+            row(f"{p}: CPU cores used", "phases", p, "cpu_cores_used")
             row(f"{p}: validation accuracy (last epoch)", "phases", p, "val_accuracy")
         row("time to first training step, s", "first_step_seconds")
         row("CPU cores used (of the machine's)", "cpu_cores_used")
         row("peak memory, MB", "peak_memory_mb")
         row("process wall time, s (tljob also exports)", "process_seconds")
-        out += ["", f"recipe_time_ratio (median of per-pair ratios {r['recipe']['ratio_per_pair']}): "
-                    f"**{r['recipe_time_ratio']}**", ""]
+        out.append("")
+        for key in ("recipe_time_ratio", "fast_time_ratio"):
+            if key in r:
+                out.append(f"{key} (median of per-round ratios {r['recipe'][key + '_per_round']}): **{r[key]}**  ")
+        out += ["", "Validation accuracy after phase 2 over seeds (median, range):", ""]
+        for w, sp in r.get("val_accuracy_spread", {}).items():
+            out.append(f"- {w}: {_fmt(sp.get('median'))} ({_fmt(sp.get('min'))}-{_fmt(sp.get('max'))}), runs {sp['runs']}")
+        out.append("")
+    if "floor_step_ms" in r:
+        floor = r["floor_step_ms"]
+        out += ["## Step time against the bare model (bench/precision.py, float32, same machine, same run)", "",
+                "| phase | bare model step, ms | " + " | ".join(f"{w}: median step ms (x floor)" for w in
+                                                           r.get("step_over_floor", {})) + " |",
+                "|---|---|" + "---|" * len(r.get("step_over_floor", {}))]
+        for p in PHASES:
+            cells = [f"{_fmt(_get(r, 'recipe', 'median', w, 'phases', p, 'step_ms_median'))} ({_fmt(ratios.get(p))})"
+                     for w, ratios in r.get("step_over_floor", {}).items()]
+            out.append(f"| {p} | {_fmt(floor[p])} | " + " | ".join(cells) + " |")
+        out.append("")
+    if r.get("peak_memory_mb"):
+        m = r["peak_memory_mb"]
+        out += ["## Peak memory to the end of the recipe, MB", "", "| tutorial | decoded cache | tutorial + cache | " +
+                " | ".join(w for w in m if w not in ("tutorial", "decoded_cache_mb", "tutorial_plus_cache_mb")) + " |",
+                "|---|---|---|" + "---|" * (len(m) - 3),
+                f"| {_fmt(m['tutorial'])} | {_fmt(m['decoded_cache_mb'])} | {_fmt(m['tutorial_plus_cache_mb'])} | " +
+                " | ".join(_fmt(v) for w, v in m.items() if w not in ("tutorial", "decoded_cache_mb",
+                                                                      "tutorial_plus_cache_mb")) + " |", ""]
     if "pipeline" in r:
         p = r["pipeline"]
         out += ["## Input pipeline, images/s, no model (median of epochs after the first)", "",
@@ -153,13 +203,14 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["## Job costs", "", "| what | value |", "|---|---|",
                 f"| time to first training step, tljob / tutorial, s | {_fmt(costs['first_step_seconds']['tljob'])} / "
                 f"{_fmt(costs['first_step_seconds']['tutorial'])} |"]
-        for ph, b in costs["backup"].items():
+        for ph, b in (costs["backup"] or {}).items():
             out.append(f"| backup per epoch, {ph}: s (share of the epoch) | {_fmt(b['backup_seconds'])} "
                        f"({b['share']:.1%}) |")
         pub = costs["publish"]
         out += [f"| publish the run to the GCS emulator ({pub['files']} files, {pub['megabytes']} MB), s | "
                 f"{_fmt(pub['median_seconds'])} |", ""]
-    out += ["## Acceptance (issue 6; binding in full mode)", "", "| check | value | target | pass |", "|---|---|---|---|"]
+    out += ["## Acceptance (issues 6 and 16; binding in full mode)", "", "| check | value | target | pass |",
+            "|---|---|---|---|"]
     for name, c in r["acceptance"].items():
         out.append(f"| {name} | {_fmt(c['value'])} | {c['target']} | {_fmt(c['pass'])} |")
     return "\n".join(out) + "\n"
@@ -175,14 +226,15 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax = axes[0]
     if "recipe" in results:
         med = results["recipe"]["median"]
-        whos = ("tutorial", "tljob")
-        bottom = [0.0, 0.0]
+        whos = tuple(med)
+        bottom = [0.0] * len(whos)
         startup = [med[w]["recipe_seconds"] - sum(med[w]["phases"][p]["seconds"] for p in PHASES) for w in whos]
         for label, values in (("start-up", startup),
                               *((p, [med[w]["phases"][p]["seconds"] for w in whos]) for p in PHASES)):
             ax.bar(whos, values, bottom=bottom, label=label)
             bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_title(f"recipe wall time (ratio {results['recipe_time_ratio']})")
+        ax.set_title("recipe wall time (ratios " + ", ".join(
+            f"{k.split('_')[0]} {results[k]}" for k in ("recipe_time_ratio", "fast_time_ratio") if k in results) + ")")
         ax.set_ylabel("seconds")
         ax.legend()
     ax = axes[1]

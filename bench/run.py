@@ -3,7 +3,9 @@
 Sections (bench/README.md says what each measures and why):
   1. input pipeline, images/s with no model: tljob (first epoch, cached epochs) vs the tutorial's
      image_dataset_from_directory(...).prefetch vs the decode ceiling;
-  2. the full recipe end to end: tljob vs bench/tutorial_baseline.py, alternated, `--repeats` pairs;
+  2. the full recipe end to end: bench/tutorial_baseline.py, tljob (job/cats_vs_dogs.yaml) and tljob's fast
+     config (job/cats_vs_dogs_fast.yaml), alternated, `--repeats` rounds; and the floor: the bare model's
+     step time (bench/precision.py) in each phase, which tljob's median step is compared with;
   3. multi-worker: 2 workers pinned one core each vs 1 worker pinned to one core (weak scaling), and the
      all-reduce time of each phase's gradients, alternated, `--repeats` rounds;
   4. job costs: time to the first training step, backup share of an epoch, publishing to a GCS emulator.
@@ -48,11 +50,14 @@ class Mode:
     publish_repeats: int
     timeout_s: float
 
-    def tljob_sets(self, data: Path, weights: str) -> list[str]:
-        return [f"data.source=folder", f"data.train={data}/train", f"data.validation={data}/validation",
+    def tljob_sets(self, data: Path, weights: str, *, epochs: bool = True) -> list[str]:
+        """`epochs`: the mode's epoch counts (the recipe's in full mode); False keeps the config's own, as the
+        fast config's runs in full mode do."""
+        sets = [f"data.source=folder", f"data.train={data}/train", f"data.validation={data}/validation",
                 "data.test=null", f"data.image_size={self.image_size}", f"model.weights={weights}",
-                f"model.alpha={self.alpha}", f"train.feature_extraction.epochs={self.epochs}",
-                f"train.fine_tuning.epochs={self.epochs}"]
+                f"model.alpha={self.alpha}"]
+        return sets + ([f"train.feature_extraction.epochs={self.epochs}", f"train.fine_tuning.epochs={self.epochs}"]
+                       if epochs else [])
 
 
 # Quick mode keeps the default test suite short: one phase in the multi-worker runs (3 processes).
@@ -66,8 +71,12 @@ def _sets(pairs: list[str]) -> list[str]:
     return [a for p in pairs for a in ("--set", p)]
 
 
-def _tljob(out: Path, sets: list[str]) -> list[str]:
-    return ["-m", "bench.tljob_probe", "train", "--config", str(procs.ROOT / "job" / "cats_vs_dogs.yaml"),
+# The job configs the recipe section runs: the tutorial's recipe, and the fast one (issue 16).
+CONFIGS = {"tljob": "cats_vs_dogs.yaml", "fast": "cats_vs_dogs_fast.yaml"}
+
+
+def _tljob(out: Path, sets: list[str], config: str = CONFIGS["tljob"]) -> list[str]:
+    return ["-m", "bench.tljob_probe", "train", "--config", str(procs.ROOT / "job" / config),
             "--output", str(out), *_sets(sets)]
 
 
@@ -97,34 +106,63 @@ def pipeline_section(mode: Mode, data: Path) -> dict[str, Any]:
     return out
 
 
-def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Path) -> dict[str, Any]:
-    """Alternates tutorial and tljob runs; `keep` receives the last tljob run directory (for publishing).
+def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Path,
+                   who: tuple[str, ...]) -> dict[str, Any]:
+    """Runs the tutorial's code and each tljob config in `who` ("tljob", "fast") in turn, `repeats` rounds; `keep`
+    receives the last tljob run directory (for publishing).
 
-    Each tljob run has its own seed (pair i: seed i + 1), as each run of the tutorial's code draws its own:
+    Each tljob run has its own seed (round i: seed i + 1), as each run of the tutorial's code draws its own:
     with one fixed seed, tljob's runs would differ only by thread timing, and its accuracy would be one
     draw against the tutorial's several (over seeds, tljob's accuracy after phase 2 ranged 0.9675-0.980)."""
     n_train = count_images(data / "train")
     baseline = ["bench/tutorial_baseline.py", "--data", str(data), "--weights", weights,
                 "--image-size", str(mode.image_size), "--alpha", str(mode.alpha),
                 "--initial-epochs", str(mode.epochs), "--fine-tune-epochs", str(mode.epochs)]
-    runs: dict[str, list[dict[str, Any]]] = {"tutorial": [], "tljob": []}
+    runs: dict[str, list[dict[str, Any]]] = {"tutorial": [], **{w: [] for w in who}}
     backups: list[dict[str, Any]] = []
     for i in range(repeats):
         result = procs.run(baseline, timeout_s=mode.timeout_s, what=f"tutorial recipe #{i + 1}",
                            env={"TF_USE_LEGACY_KERAS": "0"})
         runs["tutorial"].append({**procs.recipe_summary(result, n_train, PHASES), "load": procs.load()})
-        with tempfile.TemporaryDirectory(prefix="bench-tljob-") as tmp:
-            run_dir = Path(tmp) / "run"
-            result = procs.run(_tljob(run_dir, [*mode.tljob_sets(data, weights), f"seed={i + 1}"]),
-                               timeout_s=mode.timeout_s, what=f"tljob recipe #{i + 1}")
-            if i == repeats - 1:
-                run_dir.rename(keep)
-        runs["tljob"].append({**procs.recipe_summary(result, n_train, PHASES), "seed": i + 1, "load": procs.load()})
-        backups.append(backup_share(result.events))
-    ratios = [t["recipe_seconds"] / b["recipe_seconds"] for t, b in zip(runs["tljob"], runs["tutorial"])]
-    return {"train_images": n_train, "runs": runs, "ratio_per_pair": [round(r, 3) for r in ratios],
-            "recipe_time_ratio": round(statistics.median(ratios), 3),
-            "median": {who: median_summary(rs) for who, rs in runs.items()}, "backups": backups}
+        for w in who:
+            with tempfile.TemporaryDirectory(prefix="bench-tljob-") as tmp:
+                run_dir = Path(tmp) / "run"
+                # Quick mode shortens both configs alike; in full mode the fast config keeps its own epochs.
+                sets = mode.tljob_sets(data, weights, epochs=w == "tljob" or mode is QUICK)
+                result = procs.run(_tljob(run_dir, [*sets, f"seed={i + 1}"], CONFIGS[w]), timeout_s=mode.timeout_s,
+                                   what=f"{w} recipe #{i + 1}")
+                if w == who[0] and i == repeats - 1:
+                    run_dir.rename(keep)
+            runs[w].append({**procs.recipe_summary(result, n_train, PHASES), "seed": i + 1, "load": procs.load()})
+            if w == "tljob":
+                backups.append(backup_share(result.events))
+    out: dict[str, Any] = {"train_images": n_train, "runs": runs,
+                           "median": {w: median_summary(rs) for w, rs in runs.items()}, "backups": backups,
+                           "val_accuracy_spread": {w: spread([r["phases"]["fine_tuning"]["val_accuracy"] for r in rs])
+                                                   for w, rs in runs.items()}}
+    for w, key in (("tljob", "recipe_time_ratio"), ("fast", "fast_time_ratio")):
+        if w in who:
+            ratios = [t["recipe_seconds"] / b["recipe_seconds"] for t, b in zip(runs[w], runs["tutorial"])]
+            out[f"{key}_per_round"] = [round(r, 3) for r in ratios]
+            out[key] = round(statistics.median(ratios), 3)
+    return out
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """Median, range and every value: accuracy over seeds, not one lucky draw."""
+    if not values or any(v is None for v in values):
+        return {"runs": values}
+    return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values), "runs": values}
+
+
+def floor_section(mode: Mode) -> dict[str, Any]:
+    """The bare model's training step in each phase (bench/precision.py, float32, random data in memory, no
+    input pipeline, no callbacks): the limit of this computation on this machine."""
+    result = procs.run(["-m", "bench.precision", "--child", "float32", "--image-size", str(mode.image_size),
+                        "--alpha", str(mode.alpha)], timeout_s=mode.timeout_s, what="bare model step (floor)")
+    measured = procs.first(result.events, "result")["result"]
+    return {"feature_extraction": measured["frozen_train_ms"], "fine_tuning": measured["fine_tune_train_ms"],
+            "predict": measured["predict_ms"]}
 
 
 def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -137,7 +175,8 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                            ("recipe_seconds", "process_seconds", "first_step_seconds", "cpu_cores_used",
                             "peak_memory_mb")}
     out["phases"] = {p: {k: med(lambda r, p=p, k=k: r["phases"][p][k]) for k in
-                         ("seconds", "step_ms_median", "images_per_second", "val_accuracy", "val_loss")}
+                         ("seconds", "step_ms_median", "images_per_second", "cpu_cores_used", "val_accuracy",
+                          "val_loss")}
                      for p in PHASES}
     return out
 
@@ -209,6 +248,30 @@ def publish_section(mode: Mode, run_dir: Path) -> dict[str, Any]:
     return procs.first(result.events, "result")["result"]
 
 
+def step_over_floor(median: dict[str, Any], floor: dict[str, float]) -> dict[str, Any]:
+    """Per phase: each tljob config's median training step over the bare model's step (1.0: no overhead at all).
+    A phase trained on cached features has no image step to compare (its step is the head's alone): None."""
+    out: dict[str, Any] = {}
+    for w in (w for w in median if w != "tutorial"):
+        out[w] = {}
+        for phase in PHASES:
+            step = median[w]["phases"][phase]["step_ms_median"]
+            out[w][phase] = round(step / floor[phase], 3) if step and step > 0.2 * floor[phase] else None
+    return out
+
+
+def peak_memory(results: dict[str, Any], data: Path, mode: Mode) -> dict[str, Any] | None:
+    """Peak RSS up to the end of the recipe: each job's, and the tutorial's plus tljob's decoded-image cache (the
+    train and validation images at the recipe's size, uint8), which is what tljob holds that the tutorial does not."""
+    if "recipe" not in results:
+        return None
+    images = count_images(data / "train") + count_images(data / "validation")
+    cache_mb = round(images * mode.image_size ** 2 * 3 / 2**20, 1)
+    med = results["recipe"]["median"]
+    return {"decoded_cache_mb": cache_mb, **{w: med[w]["peak_memory_mb"] for w in med},
+            "tutorial_plus_cache_mb": round(med["tutorial"]["peak_memory_mb"] + cache_mb, 1)}
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -239,8 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="tutorial/tljob recipe pairs and multi-worker rounds (default: 1 quick, 3 full)")
     parser.add_argument("--out", type=Path, default=procs.ROOT / "bench" / "results")
-    parser.add_argument("--sections", default="pipeline,recipe,multiworker,costs",
+    parser.add_argument("--sections", default="pipeline,recipe,floor,multiworker,costs",
                         help="comma-separated subset, for re-measuring one part")
+    parser.add_argument("--configs", default="tljob,fast",
+                        help="the tljob configs the recipe section runs beside the tutorial's code: tljob "
+                             "(job/cats_vs_dogs.yaml), fast (job/cats_vs_dogs_fast.yaml); the first also gives the "
+                             "job costs")
     args = parser.parse_args(argv)
     mode = QUICK if args.mode == "quick" else FULL
     repeats = args.repeats or (1 if mode is QUICK else 3)
@@ -257,18 +324,27 @@ def main(argv: list[str] | None = None) -> int:
         if "pipeline" in sections:
             results["pipeline"] = pipeline_section(mode, data)
         if "recipe" in sections or "costs" in sections:
-            recipe = recipe_section(mode, data, weights, repeats, keep=work / "last-tljob-run")
-            results["recipe_time_ratio"] = recipe["recipe_time_ratio"]
-            results["val_accuracy"] = {who: {p: recipe["median"][who]["phases"][p]["val_accuracy"] for p in PHASES}
-                                       for who in ("tutorial", "tljob")}
+            who = tuple(w for w in args.configs.split(",") if w)
+            recipe = recipe_section(mode, data, weights, repeats, keep=work / "last-tljob-run", who=who)
+            for key in ("recipe_time_ratio", "fast_time_ratio"):
+                if key in recipe:
+                    results[key] = recipe[key]
+            results["val_accuracy"] = {w: {p: recipe["median"][w]["phases"][p]["val_accuracy"] for p in PHASES}
+                                       for w in recipe["median"]}
+            results["val_accuracy_spread"] = recipe["val_accuracy_spread"]
             results["recipe"] = recipe
+        if "floor" in sections:
+            results["floor_step_ms"] = floor_section(mode)
+            if "recipe" in results:
+                results["step_over_floor"] = step_over_floor(results["recipe"]["median"], results["floor_step_ms"])
+        results["peak_memory_mb"] = peak_memory(results, data, mode)
         if "multiworker" in sections:
             results["multiworker"] = multiworker_section(mode, data, weights, work / "mw", repeats)
         if "costs" in sections:
             results["job_costs"] = {
-                "first_step_seconds": {who: results["recipe"]["median"][who]["first_step_seconds"]
-                                       for who in ("tutorial", "tljob")},
-                "backup": results["recipe"]["backups"][-1],
+                "first_step_seconds": {w: results["recipe"]["median"][w]["first_step_seconds"]
+                                       for w in results["recipe"]["median"]},
+                "backup": results["recipe"]["backups"][-1] if results["recipe"]["backups"] else None,
                 "publish": publish_section(mode, work / "last-tljob-run"),
             }
     results["load_after"] = procs.load()

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import procs, report  # noqa: E402 - after the path set-up above
+from bench import procs, report, run  # noqa: E402 - after the path set-up above
 
 
 def ev(event: str, t: float, **fields) -> dict:
@@ -35,6 +35,7 @@ EVENTS = [
 def test_phase_and_recipe_summaries_from_events() -> None:
     phase = procs.phase_summary(EVENTS, "feature_extraction", images_per_epoch=70)
     assert phase["seconds"] == 7.0 and phase["epochs"] == 2 and phase["epoch_seconds"] == [4.0, 3.0]
+    assert phase["cpu_cores_used"] == 1.5  # CPU seconds over wall seconds between the phase's begin and end
     # Each epoch's first step (iterator start, tracing) is left out of the median.
     assert phase["step_ms_median"] == 550.0
     assert phase["images_per_second"] == 20.0 and phase["val_accuracy"] == 0.9
@@ -59,22 +60,55 @@ def test_acceptance_checks_follow_the_figures() -> None:
     assert checks["pipeline_first_epoch_vs_ceiling"]["pass"] is True
     assert checks["weak_scaling_feature_extraction"]["pass"] is True
     assert checks["weak_scaling_fine_tuning"]["pass"] is None  # not measured
+    assert checks["fast_time_ratio"]["pass"] is None and checks["peak_memory"]["pass"] is None
+
+
+def test_issue_16_checks_fast_config_floor_and_memory() -> None:
+    results = {"fast_time_ratio": 0.3,
+               "val_accuracy_spread": {"fast": {"median": 0.9775}, "tutorial": {"median": 0.976}},
+               "step_over_floor": {"tljob": {"feature_extraction": 1.1, "fine_tuning": 1.2}},
+               "peak_memory_mb": {"tljob": 1500, "tutorial_plus_cache_mb": 1545}}
+    checks = report.acceptance(results)
+    assert checks["fast_time_ratio"]["pass"] is True
+    assert checks["fast_val_accuracy_median"]["pass"] is True
+    assert checks["step_over_floor_feature_extraction"]["pass"] is True
+    assert checks["step_over_floor_fine_tuning"]["pass"] is False
+    assert checks["peak_memory"]["pass"] is True
+    results["val_accuracy_spread"]["fast"]["median"] = 0.975
+    assert report.acceptance(results)["fast_val_accuracy_median"]["pass"] is False
+
+
+def test_step_over_floor_leaves_out_phases_without_an_image_step() -> None:
+    median = {"tutorial": {}, "tljob": {"phases": {"feature_extraction": {"step_ms_median": 176.0},
+                                                   "fine_tuning": {"step_ms_median": 330.0}}},
+              "fast": {"phases": {"feature_extraction": {"step_ms_median": 3.1},
+                                  "fine_tuning": {"step_ms_median": 320.0}}}}
+    got = run.step_over_floor(median, {"feature_extraction": 160.0, "fine_tuning": 300.0})
+    assert got == {"tljob": {"feature_extraction": 1.1, "fine_tuning": 1.1},
+                   "fast": {"feature_extraction": None, "fine_tuning": pytest.approx(1.067, abs=1e-3)}}
 
 
 @pytest.mark.multiworker
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_quick_mode_writes_json_table_and_chart(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--mode", "quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+                          cwd=ROOT, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-4000:]
     [json_path] = tmp_path.glob("*-quick.json")
     results = json.loads(json_path.read_text())
     assert isinstance(results["recipe_time_ratio"], float) and results["recipe_time_ratio"] > 0
-    for who in ("tutorial", "tljob"):
+    assert isinstance(results["fast_time_ratio"], float) and results["fast_time_ratio"] > 0
+    for who in ("tutorial", "tljob", "fast"):
         assert set(results["val_accuracy"][who]) == {"feature_extraction", "fine_tuning"}
         assert all(0.0 <= v <= 1.0 for v in results["val_accuracy"][who].values())
         assert results["recipe"]["median"][who]["first_step_seconds"] > 0
-    assert [run["seed"] for run in results["recipe"]["runs"]["tljob"]] == [1]  # pair i runs with seed i + 1
+    assert [r["seed"] for r in results["recipe"]["runs"]["tljob"]] == [1]  # round i runs with seed i + 1
+    assert results["val_accuracy_spread"]["fast"]["runs"] == [results["val_accuracy"]["fast"]["fine_tuning"]]
+    # The floor: the bare model's steps, and tljob's over them (the fast config's phase 1 steps on features).
+    assert results["floor_step_ms"]["feature_extraction"] > 0 and results["floor_step_ms"]["fine_tuning"] > 0
+    assert results["step_over_floor"]["tljob"]["fine_tuning"] > 0
+    memory = results["peak_memory_mb"]
+    assert memory["tljob"] > 0 and memory["tutorial_plus_cache_mb"] > memory["tutorial"]
     pipeline = results["pipeline"]
     assert set(pipeline["ratios_to_ceiling"]) == {"tutorial", "tljob_first_epoch", "tljob_cached_plain",
                                                   "tljob_cached_augmented"}
@@ -87,8 +121,11 @@ def test_quick_mode_writes_json_table_and_chart(tmp_path: Path) -> None:
     assert 0 < costs["backup"]["feature_extraction"]["share"] < 1
     assert costs["publish"]["files"] > 0 and costs["publish"]["median_seconds"] > 0
     assert set(results["acceptance"]) >= {"recipe_time_ratio", "val_accuracy_after_phase_2",
-                                          "pipeline_cached_vs_ceiling", "weak_scaling_feature_extraction"}
+                                          "pipeline_cached_vs_ceiling", "weak_scaling_feature_extraction",
+                                          "fast_time_ratio", "fast_val_accuracy_median", "peak_memory",
+                                          "step_over_floor_fine_tuning"}
     table = json_path.with_suffix(".md").read_text()
     assert "recipe_time_ratio" in table and "## Input pipeline" in table and "## Multi-worker" in table
+    assert "fast_time_ratio" in table and "bare model step" in table and "## Peak memory" in table
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "recipe_time_ratio=" in proc.stdout

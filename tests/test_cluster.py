@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +17,7 @@ from tljob.cluster import (
     apply_cluster_env,
     choose_strategy,
     resolve_cluster,
+    worker_share,
 )
 from tljob.errors import ConfigError
 
@@ -26,6 +28,22 @@ def tf_config(cluster: dict, task_type: str, index: object) -> str:
 
 WORKERS = {"worker": ["w0:2222", "w1:2222", "w2:2222"]}
 WITH_CHIEF = {"chief": ["c0:2222"], "worker": ["w0:2222", "w1:2222"]}
+
+
+def resolver_strategy(cluster: dict | None, task_type: str | None = None, task_id: int = 0) -> SimpleNamespace:
+    """A stand-in for a strategy's cluster_resolver (what worker_share reads)."""
+    if cluster is None:
+        return SimpleNamespace(cluster_resolver=None)
+    return SimpleNamespace(cluster_resolver=SimpleNamespace(
+        task_type=task_type, task_id=task_id, cluster_spec=lambda: SimpleNamespace(as_dict=lambda: cluster)))
+
+
+def test_worker_share_numbers_workers_as_the_strategys_input_pipelines() -> None:
+    # MultiWorkerMirroredStrategy numbers its input pipelines chief first, then the workers.
+    assert worker_share(resolver_strategy(WITH_CHIEF, "chief", 0)) == (3, 0)
+    assert [worker_share(resolver_strategy(WITH_CHIEF, "worker", i)) for i in (0, 1)] == [(3, 1), (3, 2)]
+    assert worker_share(resolver_strategy(WORKERS, "worker", 2)) == (3, 2)
+    assert worker_share(resolver_strategy(None)) == (1, 0)
 
 
 # --- TF_CONFIG ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from tljob.config import (
     digest,
     load_config,
     parse_override,
+    to_dict,
     to_yaml,
 )
 from tljob.errors import EXIT_CONFIG, ConfigError
@@ -33,7 +34,7 @@ def test_every_job_yaml_loads_and_round_trips(path: Path, tmp_path: Path) -> Non
 
 
 def test_job_files_present() -> None:
-    assert {p.name for p in JOB_FILES} >= {"cats_vs_dogs.yaml", "dry_run.yaml"}
+    assert {p.name for p in JOB_FILES} >= {"cats_vs_dogs.yaml", "cats_vs_dogs_fast.yaml", "dry_run.yaml"}
 
 
 def test_cats_vs_dogs_is_the_tutorial_recipe() -> None:
@@ -44,6 +45,18 @@ def test_cats_vs_dogs_is_the_tutorial_recipe() -> None:
     fe, ft = cfg.train.feature_extraction, cfg.train.fine_tuning
     assert (fe.epochs, fe.optimizer, fe.learning_rate) == (10, "adam", 1e-4)
     assert (ft.epochs, ft.optimizer, ft.learning_rate, ft.fine_tune_at) == (10, "rmsprop", 1e-5, 100)
+
+
+def test_fast_config_is_the_same_model_and_data_trained_another_way() -> None:
+    fast, recipe = (to_dict(load_config(ROOT / "job" / name, environ={})) for name in ("cats_vs_dogs_fast.yaml",
+                                                                                      "cats_vs_dogs.yaml"))
+    assert fast["name"] == "cats_vs_dogs_fast"
+    for key in ("data", "augment", "model", "runtime", "export", "seed"):
+        assert fast[key] == recipe[key], key
+    fe, ft = fast["train"]["feature_extraction"], fast["train"]["fine_tuning"]
+    assert (fe["cache_features"], fe["augment"]) == (True, False)
+    assert (ft["augment"], ft["cache_features"], ft["fine_tune_at"], ft["optimizer"]) == (True, False, 100, "rmsprop")
+    assert ft["schedule"] == "cosine" and ft["epochs"] < recipe["train"]["fine_tuning"]["epochs"]
 
 
 def test_set_overrides_and_types() -> None:
@@ -92,6 +105,12 @@ BAD = [
     (["data.max_bad_fraction=1.5"], "data.max_bad_fraction", "between 0 and 1"),
     (["train.steps_per_execution=0"], "train.steps_per_execution", "1 (one step per call) or more"),
     (["train.cached_validation=sometimes"], "train.cached_validation", "not a valid bool"),
+    (["train.fine_tuning.schedule=step"], "train.fine_tuning.schedule", "constant, cosine"),
+    (["train.fine_tuning.epochs=2", "train.fine_tuning.warmup_epochs=3"], "train.fine_tuning.warmup_epochs",
+     "0 to train.fine_tuning.epochs (2)"),
+    # Augmented images change the cached outputs every step: refused, naming both ways out.
+    (["train.feature_extraction.cache_features=true"], "train.feature_extraction.cache_features",
+     "set train.feature_extraction.augment: false, or train.feature_extraction.cache_features: false"),
 ]
 
 
@@ -181,3 +200,17 @@ def test_export_section() -> None:
         load_config(None, ["export.tflite=yes please"], environ={})
     with pytest.raises(ConfigError, match=r"unknown key 'export\.tfilte'.*Did you mean 'export\.tflite'"):
         load_config(None, ["export.tfilte=true"], environ={})
+
+
+def test_cache_features_needs_unchanged_images_only() -> None:
+    """Allowed where the phase's images are not augmented: the phase's own switch, or no augmentation at all."""
+    path = ROOT / "job" / "dry_run.yaml"
+    off = load_config(path, ["train.fine_tuning.cache_features=true", "train.fine_tuning.augment=false"], environ={})
+    assert off.train.fine_tuning.cache_features and not off.train.fine_tuning.augment
+    none = load_config(path, ["train.feature_extraction.cache_features=true", "augment.flip=none",
+                              "augment.rotation=0"], environ={})
+    assert none.train.feature_extraction.cache_features
+    # The defaults are the tutorial's: every phase augmented, nothing cached, a constant rate.
+    default = load_config(ROOT / "job" / "cats_vs_dogs.yaml", environ={})
+    for phase in (default.train.feature_extraction, default.train.fine_tuning):
+        assert (phase.augment, phase.cache_features, phase.schedule, phase.warmup_epochs) == (True, False, "constant", 0)

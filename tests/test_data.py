@@ -282,6 +282,36 @@ def test_each_worker_trains_on_its_own_share() -> None:
     assert not set(seen[0]) & set(seen[1])
 
 
+def test_cached_features_stream_is_permuted_whole_each_epoch_without_augmentation() -> None:
+    # Two boundary tensors (as MobileNetV2's residual branches can give) whose rows number the examples.
+    features = [np.arange(30, dtype=np.float32).reshape(30, 1) * [1, 1], np.arange(30, dtype=np.float32)[:, None]]
+    labels = np.arange(30)
+    ds = data.feature_train_input(tf.distribute.get_strategy(), features, labels, global_batch=10, seed=3, num_workers=1)
+    assert ds.cardinality() == tf.data.INFINITE_CARDINALITY
+    assert ds.options().autotune.enabled is False
+    options = tf.data.Options()
+    options.deterministic = True
+    epochs = [[], []]
+    for i, ((a, b), y) in enumerate(ds.with_options(options).take(6)):
+        assert a.shape == (10, 2) and b.shape == (10, 1)
+        # Each row travels with its label, unchanged (no augmentation of features).
+        assert np.array_equal(a.numpy()[:, 0], y.numpy()) and np.array_equal(b.numpy()[:, 0], y.numpy())
+        epochs[i // 3].extend(y.numpy().tolist())
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(30))
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(30))
+
+
+def test_a_workers_share_is_read_in_order_for_the_feature_pass() -> None:
+    images, _ = data.synthetic_images(10, 2, 8, seed=0)
+    cached = data.Split("train", 10, images=images, labels=np.arange(10))
+    streamed = data.Split("train", 10, stream=tf.data.Dataset.from_tensor_slices((images, np.arange(10))))
+    for split in (cached, streamed):
+        batches = list(data.share_batches(split, 2, (3, 1)))
+        assert [y.numpy().tolist() for _, y in batches] == [[1, 4], [7]]
+        assert batches[0][0].dtype == tf.float32
+        assert np.array_equal(batches[0][0].numpy()[1], images[4].astype(np.float32))
+
+
 def test_one_worker_and_streams_are_left_to_keras_to_distribute() -> None:
     images, labels = data.synthetic_images(16, 2, 32, seed=0)
     kwargs = dict(global_batch=8, aug=AugmentConfig(), shuffle_buffer=16, seed=1)

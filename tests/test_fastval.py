@@ -17,10 +17,10 @@ import pytest
 import tljob  # noqa: F401 - selects tf-keras before TensorFlow loads
 import tensorflow as tf
 
-from tljob import fastval, model as model_lib
+from tljob import data, fastval, model as model_lib
 from tljob.config import FineTuneConfig, ModelConfig, PhaseConfig
 from tljob.data import synthetic_images
-from tljob.fastval import Graph, Step, split_graph
+from tljob.fastval import Graph, Step, narrow_boundary, split_graph
 
 SIZE = 32
 
@@ -32,8 +32,8 @@ def layer(changes: bool) -> SimpleNamespace:
     return SimpleNamespace(changes=changes)
 
 
-def changes(stand_in: SimpleNamespace) -> bool:
-    return stand_in.changes
+def changes(step: Step) -> bool:
+    return step.layer.changes
 
 
 def residual_graph(trainable: set[str]) -> Graph:
@@ -65,6 +65,44 @@ def test_split_extremes_everything_or_nothing_constant() -> None:
     assert bottom.outputs == ("out:0",) and top.steps == () and top.outputs == ("out:0",)
     bottom, top = split_graph(residual_graph({"a"}), changes)
     assert bottom.steps == () and bottom.outputs == ("x:0",) and len(top.steps) == 7
+
+
+def sized(nbytes: dict[str, int]):
+    return lambda key: nbytes[key.split(":")[0]]
+
+
+def test_narrow_boundary_recomputes_a_frozen_expansion_to_cache_the_narrow_branch() -> None:
+    # c expands b (b small, c large, as MobileNetV2's block_11_expand from block_10_project_BN); d changes.
+    bottom, top = split_graph(residual_graph({"d"}), changes)
+    bottom, top = narrow_boundary(bottom, top, sized({"x": 30, "a": 40, "b": 10, "c": 60}))
+    assert bottom.outputs == top.inputs == ("b:0",)
+    assert [s.name for s in bottom.steps] == ["a", "b"]
+    assert [s.name for s in top.steps] == ["c", "d", "add", "out"]
+
+
+def test_narrow_boundary_passes_same_size_steps_on_the_way_to_a_smaller_one_and_stops_at_the_smallest() -> None:
+    # x -> a -> s (a ReLU: a's size) -> change: moving s keeps the size, moving a then shrinks it to x.
+    steps = (Step("a", layer(False), ("x:0",)), Step("s", layer(False), ("a:0",)),
+             Step("d", layer(True), ("s:0",)), Step("out", layer(False), ("d:0",)))
+    bottom, top = split_graph(Graph(steps, ("x:0",), ("out:0",)), changes)
+    assert bottom.outputs == ("s:0",)
+    bottom, top = narrow_boundary(bottom, top, sized({"x": 10, "a": 50, "s": 50}))
+    assert bottom.outputs == ("x:0",) and bottom.steps == ()
+    assert [s.name for s in top.steps] == ["a", "s", "d", "out"]
+    # A tie that leads nowhere smaller is not taken.
+    bottom, top = split_graph(Graph(steps, ("x:0",), ("out:0",)), changes)
+    bottom, top = narrow_boundary(bottom, top, sized({"x": 90, "a": 50, "s": 50}))
+    assert bottom.outputs == ("s:0",) and [s.name for s in bottom.steps] == ["a", "s"]
+
+
+def test_training_split_keeps_random_layers_in_the_changing_part_unless_fixed_to_inference() -> None:
+    dropout = tf.keras.layers.Dropout(0.5)
+    free, fixed = Step("drop", dropout, ("x:0",)), Step("drop", dropout, ("x:0",), training=False)
+    assert not fastval.changes_in_inference(free) and fastval.changes_in_training(free)
+    assert not fastval.changes_in_training(fixed)
+    dense = tf.keras.layers.Dense(2)
+    dense.build((None, 3))
+    assert fastval.changes_in_training(Step("dense", dense, ("x:0",), training=False))
 
 
 # --- real MobileNetV2 ---------------------------------------------------------------------------------
@@ -110,7 +148,10 @@ def test_metrics_equal_evaluate_in_both_phases_and_follow_the_weights(num_classe
     val_x, val_y = synthetic_images(40, num_classes, SIZE, seed=2)  # 40: a last, partial batch of 8
     callback = fastval.make_validation_callback(model, val_x, val_y, batch_size=16, num_classes=num_classes,
                                                 budget_mb=64)
-    assert callback.bottom.outputs == ("dropout:0",)  # phase 1: only the classifier changes
+    # Phase 1: only the classifier changes. At 32 px the last block's output (1x1x112) is narrower than the
+    # pooled features (1280): it is cached, and the frozen Conv_1, pooling and dropout run each epoch.
+    assert [k.split("/")[-1] for k in callback.bottom.outputs] == ["block_16_project_BN:0"]
+    assert [s.name for s in callback.top.steps][-3:] == ["pool", "dropout", "classifier"]
     before = callback.evaluate()
     assert_same(before, evaluate(model, val_x, val_y, 16))
     perturb_trainable(model, seed=1)
@@ -121,8 +162,11 @@ def test_metrics_equal_evaluate_in_both_phases_and_follow_the_weights(num_classe
     unfreeze(model, num_classes)
     callback = fastval.make_validation_callback(model, val_x, val_y, batch_size=16, num_classes=num_classes,
                                                 budget_mb=64)
-    # MobileNetV2 from index 100: the expand ReLU and the residual branch both cross the boundary.
-    assert [k.split("/")[-1] for k in callback.bottom.outputs] == ["block_11_expand_relu:0", "block_10_project_BN:0"]
+    # MobileNetV2 from index 100: the expand ReLU (576 channels) and the residual branch (96) cross the split;
+    # narrowed, the residual branch alone is cached and the frozen expansion is recomputed.
+    assert [k.split("/")[-1] for k in callback.bottom.outputs] == ["block_10_project_BN:0"]
+    assert [s.name.split("/")[-1] for s in callback.top.steps[:4]] == [
+        "block_11_expand", "block_11_expand_BN", "block_11_expand_relu", "block_11_depthwise"]
     assert_same(callback.evaluate(), evaluate(model, val_x, val_y, 16))
     perturb_trainable(model, seed=2)  # now also the base's top layers
     assert_same(callback.evaluate(), evaluate(model, val_x, val_y, 16))
@@ -177,6 +221,41 @@ def test_creates_no_variables_and_leaves_the_model_untouched() -> None:
     assert model.get_config() == config
     assert {lyr.name: len(lyr._inbound_nodes) for lyr in model_lib.get_base(model).layers} == nodes
     assert_same(got, evaluate(model, val_x, val_y, 8))
+
+
+@pytest.mark.parametrize("fine_tune", [False, True], ids=["phase1", "phase2"])
+def test_feature_model_trains_the_models_own_layers_on_cached_features(fine_tune: bool) -> None:
+    model = build(2)
+    if fine_tune:
+        unfreeze(model, 2)
+    config = model.get_config()
+    images, labels = synthetic_images(32, 2, SIZE, seed=8)
+    bottom, top = fastval.split_model(model, images.shape[1:], training=True)
+    if not fine_tune:
+        # Dropout is random in training: it stays in the changing part (in validation's split, constant).
+        graph = fastval.flatten_graph(model)
+        assert "dropout" in [s.name for s in split_graph(graph, fastval.changes_in_training)[1].steps]
+        assert "dropout" not in [s.name for s in split_graph(graph, fastval.changes_in_inference)[1].steps]
+    batches = data.ordered_batches(data.Split("train", 32, images=images, labels=labels), 8)
+    features, got_labels = fastval.compute_features(model, bottom, batches, image_shape=images.shape[1:],
+                                                    total_batches=4, what="test images")
+    assert np.array_equal(got_labels, labels) and all(len(f) == 32 for f in features)
+    shapes = [shape for shape, _ in fastval.boundary_shapes(bottom, images.shape[1:])]
+    top_model = fastval.FeatureModel(top, shapes, name="top")
+    assert {v.ref() for v in top_model.trainable_variables} == {v.ref() for v in model.trainable_variables}
+    x = tuple(features) if len(features) > 1 else features[0]
+
+    def same_outputs() -> None:
+        want = model.predict(images.astype(np.float32), batch_size=8, verbose=0)
+        np.testing.assert_allclose(top_model.predict(x, batch_size=8, verbose=0), want, rtol=1e-4, atol=1e-5)
+
+    same_outputs()
+    before = [v.numpy() for v in model.trainable_variables]
+    model_lib.compile_for_phase(top_model, PhaseConfig(learning_rate=1e-2), 1e-2, 2)
+    top_model.fit(x, labels, batch_size=8, epochs=1, verbose=0)
+    assert all(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+    same_outputs()  # trained through the top, the whole model computes the same
+    assert model.get_config() == config
 
 
 def test_rejects_mismatched_inputs() -> None:

@@ -99,6 +99,25 @@ def test_optimizers_per_phase() -> None:
     assert float(opt.learning_rate) == pytest.approx(1e-5)
 
 
+def rates(schedule, steps: list[int]) -> list[float]:
+    return [float(schedule(step)) for step in steps]
+
+
+def test_learning_rate_schedules() -> None:
+    # The tutorial's constant rate is the plain number, as before.
+    assert model_lib.learning_rate_schedule(PhaseConfig(learning_rate=1e-4), 1e-4, 63) == 1e-4
+    # Warm-up then constant: linear from 0 over 1 epoch (10 steps), then the peak for the rest.
+    warm = model_lib.learning_rate_schedule(PhaseConfig(epochs=3, warmup_epochs=1), 1e-4, 10)
+    assert rates(warm, [0, 5, 10, 20, 29]) == pytest.approx([0, 5e-5, 1e-4, 1e-4, 1e-4])
+    # Cosine after half an epoch of warm-up (5 of 20 steps): the peak at the warm-up's end, half of it midway
+    # through the other 15 (step 12.5), 0 at the end.
+    cosine = model_lib.learning_rate_schedule(PhaseConfig(epochs=2, schedule="cosine", warmup_epochs=0.5), 2e-5, 10)
+    assert rates(cosine, [0, 5, 12.5, 20]) == pytest.approx([0, 2e-5, 1e-5, 0], rel=1e-5, abs=1e-11)
+    assert rates(model_lib.learning_rate_schedule(PhaseConfig(epochs=2, schedule="cosine"), 1e-3, 10),
+                 [0, 10, 20]) == pytest.approx([1e-3, 5e-4, 0], rel=1e-5, abs=1e-11)
+    assert isinstance(model_lib.make_optimizer(PhaseConfig(optimizer="rmsprop"), cosine), tf.keras.optimizers.RMSprop)
+
+
 AGREE = """
 import json
 import tljob

@@ -205,6 +205,27 @@ def test_three_workers(tmp_path: Path) -> None:
     assert (out / "confusion.png").is_file() and (out / "model" / "labels.txt").is_file()
 
 
+def test_two_workers_train_both_phases_on_cached_features(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train", "--config", DRY_RUN, "--output", str(out), *SHORT, "--set", "train.feature_extraction.epochs=2",
+            "--set", "train.fine_tuning.epochs=1", "--set", "train.fine_tuning.schedule=cosine",
+            *(a for phase in ("feature_extraction", "fine_tuning") for a in (
+                "--set", f"train.{phase}.cache_features=true", "--set", f"train.{phase}.augment=false")))
+    workers = Workers(tmp_path, tf_config_envs(2), args).start()
+    assert workers.wait() == [EXIT_OK, EXIT_OK], workers.logs()
+    assert len(set(digests(workers))) == 1, "the workers' models differ"
+    # Each worker ran the constant layers on its own half of the training images, and on every validation image.
+    for i in range(2):
+        assert f"training images (share {i + 1} of 2), 64 images" in workers.log(i)
+        assert "validation images, 32 images" in workers.log(i)
+    hist = history(out)
+    assert [(h["epoch"], h["phase"]) for h in hist] == [(1, "feature_extraction"), (2, "feature_extraction"),
+                                                        (3, "fine_tuning")]
+    assert all(0 <= h["val_accuracy"] <= 1 and h["global_batch_size"] == 32 for h in hist)
+    assert_chief_only_outputs(out, workers)
+    assert json.loads((out / "metrics.json").read_text())["test"]["test_accuracy"] >= 0
+
+
 def test_indexed_job_sigkill_in_phase_2_then_resume_from_bucket(tmp_path: Path, gcs_bucket: str) -> None:
     out = f"{gcs_bucket}/runs/killed"
     args = ("train", "--config", DRY_RUN, "--output", out, *SHORT, "--set", "runtime.log_sync_s=0.01",

@@ -17,6 +17,7 @@ from tljob.policy import (
     eta_seconds,
     learning_rate,
     phase_epochs,
+    schedule_steps,
     trim_history,
 )
 
@@ -28,6 +29,12 @@ def test_learning_rate_scaling() -> None:
     assert learning_rate(1e-4, "linear", 128, 32) == pytest.approx(4e-4)
     assert learning_rate(1e-4, "sqrt", 128, 32) == pytest.approx(2e-4)
     assert math.isclose(learning_rate(1e-4, "linear", 16, 32), 5e-5)
+
+
+def test_schedule_steps() -> None:
+    assert schedule_steps(5, 63, 0.5) == (32, 283)  # half an epoch rounds to 32 of 63 steps
+    assert schedule_steps(5, 63, 0) == (0, 315)
+    assert schedule_steps(2, 10, 2) == (20, 0)  # all warm-up
 
 
 @pytest.mark.parametrize(("override", "key"), [("train.lr_scaling=cubic", "train.lr_scaling"),

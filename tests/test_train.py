@@ -310,6 +310,35 @@ def test_run_killed_in_phase_2_resumes_without_repeating(tmp_path: Path) -> None
     assert (out / "_SUCCESS").exists()
 
 
+def test_phase_on_cached_features_killed_resumes_from_its_backup(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train", "--config", DRY_RUN, "--output", str(out), "--set", "train.feature_extraction.epochs=40",
+            "--set", "train.feature_extraction.cache_features=true", "--set", "train.feature_extraction.augment=false",
+            "--set", "train.fine_tuning.epochs=2", "--set", "train.fine_tuning.schedule=cosine",
+            "--set", "train.fine_tuning.warmup_epochs=0.5", "--set", "data.synthetic.test_examples=0")
+    proc = start(*args)
+    backup = out / "backup" / "feature_extraction"
+    _wait_for(lambda: (backed_up_epoch(backup) or 0) >= 3, proc, timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = backed_up_epoch(backup)
+    assert killed_at is not None and 3 <= killed_at < 40, "the kill must land inside phase 1"
+    resumed = tljob(*args)
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
+    assert resumed.stderr.count("on cached features") == 1  # phase 1 only
+    history = _history(out)
+    assert [h["epoch"] for h in history] == list(range(1, 43))
+    second = [h for h in history if h["attempt"] == 2 and h["phase"] == "feature_extraction"]
+    assert [h["epoch"] for h in second] == list(range(killed_at + 1, 41))
+    # The backup restored the head's training: the resumed attempt goes on from the killed one's loss.
+    assert second[0]["loss"] < history[0]["loss"]
+    # Each record has the rate of its epoch's last step: phase 1's constant one, then phase 2's cosine over
+    # 10-step epochs after a 5-step warm-up (steps 9 and 19 are 4 and 14 of the 15 decaying steps).
+    rates = [h["learning_rate"] for h in history]
+    assert rates[0] == rates[39] == pytest.approx(1e-3)
+    assert rates[40:] == pytest.approx([1e-4 * 0.5 * (1 + np.cos(np.pi * k / 15)) for k in (4, 14)], rel=1e-3)
+
+
 def test_missing_bucket_fails_in_preflight_with_exit_2(gcs_emulator: str, tmp_path: Path) -> None:
     env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator}
     t0 = time.monotonic()

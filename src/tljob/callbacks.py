@@ -186,6 +186,8 @@ class Progress(tf.keras.callbacks.Callback):
         train_seconds = self._train_seconds or seconds - (
             self.cached_validation.last_seconds if self.cached_validation else 0.0)
         record = {"epoch": epoch + 1, "phase": self.phase, **{k: float(v) for k, v in (logs or {}).items()},
+                  # The rate of the epoch's last step: train.<phase>.schedule's course shows in the history.
+                  "learning_rate": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
                   "seconds": round(seconds, 3), "images_per_second": round(self.images_per_epoch / train_seconds, 1),
                   **self.tags}
         self.history.append(record)

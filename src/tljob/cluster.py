@@ -381,6 +381,17 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return (resolver.task_type, resolver.task_id) == chief_task(cluster)
 
 
+def worker_share(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """(number of workers, this worker's position): the share of the training set this worker reads, numbered
+    as MultiWorkerMirroredStrategy numbers its input pipelines (the chief first, then the workers)."""
+    resolver = strategy.cluster_resolver
+    if resolver is None or resolver.task_type is None:
+        return 1, 0
+    cluster = resolver.cluster_spec().as_dict()
+    workers = len(cluster.get("chief", ())) + len(cluster.get("worker", ()))
+    return workers, resolver.task_id + (len(cluster.get("chief", ())) if resolver.task_type == "worker" else 0)
+
+
 def worker_write_dir(path: str, strategy: tf.distribute.Strategy, scratch_root: str | None = None) -> str:
     """Where this process writes `path`'s content: `path` on the chief, a scratch folder elsewhere.
 

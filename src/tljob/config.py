@@ -37,6 +37,7 @@ FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 CACHE_MODES = ("auto", "memory", "none")
 LR_RULES = ("none", "linear", "sqrt")
+SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("auto", "multi_worker", "mirrored", "default")
 COMMUNICATIONS = ("auto", "ring", "nccl")
 
@@ -100,6 +101,15 @@ class PhaseConfig:
     epochs: int = 10
     optimizer: str = "adam"
     learning_rate: float = 1e-4
+    # The rate over the phase: constant (the tutorial), or cosine decay to 0 by the phase's last step; either
+    # after a linear warm-up from 0 over warmup_epochs (fractions allowed).
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    # Whether the `augment` section applies to this phase's training images.
+    augment: bool = True
+    # Train on the outputs of the layers that do not change in this phase (the frozen base in phase 1), computed
+    # once per phase, instead of running them every step. Needs augment: false (an augmented image changes them).
+    cache_features: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,6 +392,15 @@ def validate(cfg: JobConfig) -> None:
         _check(phase.learning_rate > 0, f"train.{name}.learning_rate", phase.learning_rate,
                "use a positive rate, e.g. 1e-4.")
         _choice(f"train.{name}.optimizer", phase.optimizer, OPTIMIZERS)
+        _choice(f"train.{name}.schedule", phase.schedule, SCHEDULES)
+        _check(0 <= phase.warmup_epochs <= max(phase.epochs, 0), f"train.{name}.warmup_epochs", phase.warmup_epochs,
+               f"use 0 to train.{name}.epochs ({phase.epochs}) epochs of warm-up, e.g. 0.5.")
+        if phase.cache_features and phase.augment and augments(cfg.augment):
+            raise ConfigError(
+                f"train.{name}.cache_features: true needs the same images every epoch, but train.{name}.augment is "
+                f"true (augment.flip={cfg.augment.flip!r}, augment.rotation={cfg.augment.rotation}): augmented images "
+                f"change the cached layers' outputs every step. Fix: set train.{name}.augment: false, or "
+                f"train.{name}.cache_features: false.")
     _check(t.feature_extraction.epochs + t.fine_tuning.epochs >= 1, "train.*.epochs",
            (t.feature_extraction.epochs, t.fine_tuning.epochs), "train at least one epoch in some phase.")
     _check(0 <= t.fine_tuning.fine_tune_at < MOBILENET_V2_DEPTH, "train.fine_tuning.fine_tune_at",
@@ -404,6 +423,11 @@ def validate(cfg: JobConfig) -> None:
     _check(r.termination_grace_s > 0, "runtime.termination_grace_s", r.termination_grace_s,
            "use a positive number of seconds, below the pod's terminationGracePeriodSeconds.")
     _check(r.log_sync_s > 0, "runtime.log_sync_s", r.log_sync_s, "use a positive number of seconds.")
+
+
+def augments(aug: AugmentConfig) -> bool:
+    """Whether the augment section changes images at all."""
+    return aug.flip != "none" or aug.rotation > 0
 
 
 def _tfrecord_exists(path: str) -> bool:

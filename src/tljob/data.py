@@ -10,6 +10,7 @@ files stop the run with a DataError.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -674,11 +676,34 @@ def _flip_and_rotate(images: tf.Tensor, flip_h: tf.Tensor | None, flip_v: tf.Ten
     )
 
 
-def _source_dataset(split: Split) -> tf.data.Dataset:
+def _rows(arrays: tuple[np.ndarray, ...]) -> Callable[[tf.Tensor], tuple[tf.Tensor, ...]]:
+    """A tf.data map function: a batch of indices -> those rows of each in-memory array, gathered by numpy.
+
+    The arrays stay the one copy of the data: a tf.constant (or from_tensor_slices) of them copies them into
+    TensorFlow's memory, and the conversion holds yet another copy while it runs (peak memory: bench/README.md).
+    Each call copies one batch.
+    """
+    dtypes = [tf.as_dtype(a.dtype) for a in arrays]
+
+    def take(idx: np.ndarray) -> list[np.ndarray]:
+        return [a[idx] for a in arrays]
+
+    def gather(idx: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        out = tf.numpy_function(take, [idx], dtypes, stateful=False)
+        for tensor, array in zip(out, arrays):
+            tensor.set_shape([None, *array.shape[1:]])
+        return tuple(out)
+
+    return gather
+
+
+def _batches_in_order(split: Split, batch: int, drop_remainder: bool) -> tf.data.Dataset:
+    """(uint8 images, labels) batches of the split in its stored order."""
     if split.images is not None:
-        return tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+        indices = tf.data.Dataset.range(split.num_examples).batch(batch, drop_remainder=drop_remainder)
+        return indices.map(_rows((split.images, split.labels)), num_parallel_calls=AUTOTUNE)
     assert split.stream is not None  # a Split is built with exactly one of the two; not user input
-    return split.stream
+    return split.stream.batch(batch, drop_remainder=drop_remainder)
 
 
 def shard_policy(split: Split, num_workers: int) -> "tf.data.experimental.AutoShardPolicy":
@@ -691,9 +716,9 @@ def shard_policy(split: Split, num_workers: int) -> "tf.data.experimental.AutoSh
     return policy.DATA
 
 
-def _with_options(ds: tf.data.Dataset, split: Split, num_workers: int) -> tf.data.Dataset:
+def _with_options(ds: tf.data.Dataset, policy: "tf.data.experimental.AutoShardPolicy") -> tf.data.Dataset:
     options = _no_autotuner()
-    options.experimental_distribute.auto_shard_policy = shard_policy(split, num_workers)
+    options.experimental_distribute.auto_shard_policy = policy
     options.deterministic = False
     return ds.with_options(options)
 
@@ -704,7 +729,7 @@ def train_pipeline(split: Split, *, global_batch: int, aug: AugmentConfig, shuff
     ds = _shuffled_batches(split, batch=global_batch, aug=aug, shuffle_buffer=shuffle_buffer, seed=seed,
                            # Equal batch counts on every worker: one batch fewer would hang the all-reduce.
                            drop_remainder=num_workers > 1 or repeat, repeat=repeat)
-    return _with_options(ds, split, num_workers)
+    return _with_options(ds, shard_policy(split, num_workers))
 
 
 def distributed_train_input(strategy: tf.distribute.Strategy, split: Split, *, global_batch: int,
@@ -738,7 +763,7 @@ def worker_train_pipeline(split: Split, context: tf.distribute.InputContext, *, 
                            shuffle_buffer=shuffle_buffer, seed=seed, drop_remainder=True, repeat=True,
                            share=(context.num_input_pipelines, context.input_pipeline_id))
     # This is the worker's own data already: nothing for tf.data to shard again.
-    return _with_options(ds, split, num_workers=1)
+    return _with_options(ds, tf.data.experimental.AutoShardPolicy.OFF)
 
 
 def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_buffer: int, seed: int,
@@ -753,14 +778,11 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
         # buffer over the images in stored order (an image folder is class by class) gave the recipe
         # batches of mostly cats at the start of every epoch and mostly dogs at its end (validation
         # accuracy after phase 1: 0.950 instead of 0.955-0.959). One gather per batch copies each image once.
-        images, labels = tf.constant(split.images), tf.constant(split.labels)
-        count, index = share
-        ds = tf.data.Dataset.range(split.num_examples).shard(count, index)
-        ds = ds.shuffle(max(len(range(index, split.num_examples, count)), 1), seed=seed,
-                        reshuffle_each_iteration=True)
+        ds = _permuted_indices(split.num_examples, seed, share)
+        rows = _rows((split.images, split.labels))
 
         def load(idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return augmented(tf.gather(images, idx), tf.gather(labels, idx))
+            return augmented(*rows(idx))
     else:
         # A stream arrives mixed (an uncached folder's files in a seeded random order, `tljob convert`'s
         # records in one, TFDS's examples shuffled when it prepared them); the buffer reshuffles each epoch.
@@ -773,19 +795,82 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
     return ds.prefetch(AUTOTUNE)
 
 
+def _permuted_indices(num_examples: int, seed: int, share: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+    """Indices of every n-th example from the i-th on (share (n, i)), in a new seeded order each epoch."""
+    count, index = share
+    ds = tf.data.Dataset.range(num_examples).shard(count, index)
+    return ds.shuffle(max(len(range(index, num_examples, count)), 1), seed=seed, reshuffle_each_iteration=True)
+
+
+def feature_train_input(strategy: tf.distribute.Strategy, features: list[np.ndarray], labels: np.ndarray, *,
+                        global_batch: int, seed: int,
+                        num_workers: int) -> tf.data.Dataset | tf.distribute.DistributedDataset:
+    """The endless training stream of cached features (train.<phase>.cache_features), in the form `fit` takes.
+
+    `features` (one array per tensor the model's changing part reads) and `labels` are this worker's share of
+    the training set already (share_batches): permuted whole each epoch, full batches, no augmentation (the
+    config refuses it with cached features). Several workers: each reads its own share at the per-replica batch,
+    as worker_train_pipeline does with images.
+    """
+    load = _feature_rows(features, labels)
+
+    def batches(batch: int) -> tf.data.Dataset:
+        ds = _permuted_indices(len(labels), seed).repeat().batch(batch, drop_remainder=True)
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+        return _with_options(ds, tf.data.experimental.AutoShardPolicy.OFF)
+
+    if num_workers <= 1:
+        return batches(global_batch)
+    return strategy.distribute_datasets_from_function(
+        lambda context: batches(context.get_per_replica_batch_size(global_batch)))
+
+
+def feature_eval_pipeline(features: list[np.ndarray], labels: np.ndarray, *, global_batch: int,
+                          num_workers: int) -> tf.data.Dataset:
+    """Validation batches of cached features, for fit's validation_data in a cache_features phase; sharded by
+    DATA between the workers, like eval_pipeline's."""
+    ds = tf.data.Dataset.range(len(labels)).batch(global_batch, drop_remainder=num_workers > 1)
+    ds = ds.map(_feature_rows(features, labels), num_parallel_calls=AUTOTUNE)
+    policy = tf.data.experimental.AutoShardPolicy
+    return _with_options(ds.prefetch(AUTOTUNE), policy.DATA if num_workers > 1 else policy.OFF)
+
+
+def _feature_rows(features: list[np.ndarray], labels: np.ndarray) -> Callable[[tf.Tensor], tuple]:
+    """Indices -> (features, labels): the features a tuple when the changing part reads several tensors."""
+    rows = _rows((*features, labels))
+
+    def load(idx: tf.Tensor) -> tuple:
+        *x, y = rows(idx)
+        return (tuple(x) if len(x) > 1 else x[0]), y
+
+    return load
+
+
+def share_batches(split: Split, batch_size: int, share: tuple[int, int]) -> tf.data.Dataset:
+    """(float32 images, labels) of every n-th example from the i-th on (share (n, i)), in stored order, on this
+    worker alone: a worker's part of the training set for the feature pass of train.<phase>.cache_features."""
+    count, index = share
+    if split.images is not None:
+        part = dataclasses.replace(split, num_examples=len(range(index, split.num_examples, count)),
+                                   images=split.images[index::count], labels=split.labels[index::count])
+        return ordered_batches(part, batch_size)
+    assert split.stream is not None  # a Split is built with exactly one of the two; not user input
+    return ordered_batches(dataclasses.replace(split, stream=split.stream.shard(count, index)), batch_size)
+
+
 def ordered_batches(split: Split, batch_size: int) -> tf.data.Dataset:
     """(float32 images, labels) batches of the whole split in its stored order, on this worker alone: the
     evaluation report pairs each prediction with the example's name (Split.paths) by position."""
-    ds = _source_dataset(split).batch(batch_size)
+    ds = _batches_in_order(split, batch_size, drop_remainder=False)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
     # Unlike the training pipelines (_with_options), order kept: parallel maps stay deterministic.
     return ds.prefetch(AUTOTUNE).with_options(_no_autotuner())
 
 
 def eval_pipeline(split: Split, *, global_batch: int, num_workers: int) -> tf.data.Dataset:
-    ds = _source_dataset(split).batch(global_batch, drop_remainder=num_workers > 1)
+    ds = _batches_in_order(split, global_batch, drop_remainder=num_workers > 1)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
-    return _with_options(ds.prefetch(AUTOTUNE), split, num_workers)
+    return _with_options(ds.prefetch(AUTOTUNE), shard_policy(split, num_workers))
 
 
 def steps_per_epoch(num_examples: int, global_batch: int, drop_remainder: bool) -> int:

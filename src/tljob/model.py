@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tljob import storage
+from tljob import policy, storage
 from tljob.config import ModelConfig, PhaseConfig
 from tljob.errors import ConfigError
 
@@ -160,7 +160,21 @@ def unfreeze_from(model: tf.keras.Model, fine_tune_at: int) -> int:
     return trainable
 
 
-def make_optimizer(phase: PhaseConfig, learning_rate: float) -> tf.keras.optimizers.Optimizer:
+def learning_rate_schedule(phase: PhaseConfig, peak: float,
+                           steps_per_epoch: int) -> float | tf.keras.optimizers.schedules.LearningRateSchedule:
+    """The phase's rate as the optimizer takes it: `peak` itself, or Keras' CosineDecay for a warm-up (linear from
+    0 to `peak`) and then a cosine to 0 (schedule: cosine) or a constant `peak` (alpha 1: no decay). It follows
+    the optimizer's step counter, which backups keep: a resumed phase continues the schedule where it was."""
+    if phase.schedule == "constant" and not phase.warmup_epochs:
+        return peak
+    warmup, rest = policy.schedule_steps(phase.epochs, steps_per_epoch, phase.warmup_epochs)
+    return tf.keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else peak, max(rest, 1), alpha=1.0 if phase.schedule == "constant" else 0.0,
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
+
+
+def make_optimizer(phase: PhaseConfig, learning_rate: float | tf.keras.optimizers.schedules.LearningRateSchedule,
+                   ) -> tf.keras.optimizers.Optimizer:
     if phase.optimizer == "adam":
         return tf.keras.optimizers.Adam(learning_rate)
     if phase.optimizer == "rmsprop":
@@ -175,7 +189,8 @@ def loss_and_metrics(num_classes: int) -> tuple[tf.keras.losses.Loss, list]:
     return tf.keras.losses.SparseCategoricalCrossentropy(), [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
 
-def compile_for_phase(model: tf.keras.Model, phase: PhaseConfig, learning_rate: float, num_classes: int,
+def compile_for_phase(model: tf.keras.Model, phase: PhaseConfig,
+                      learning_rate: float | tf.keras.optimizers.schedules.LearningRateSchedule, num_classes: int,
                       steps_per_execution: int = 1) -> None:
     """Compiles (again) for a phase; Keras only sees a change of `trainable` after a recompile."""
     loss, metrics = loss_and_metrics(num_classes)

@@ -1,5 +1,5 @@
-"""Training policy as small pure functions: the global batch, learning-rate scaling, the phases' epochs, the
-ETA, and which history records a resumed attempt redoes. No TensorFlow (tests/test_policy.py runs without it).
+"""Training policy as small pure functions: the global batch, learning-rate scaling and schedule steps, the
+phases' epochs, the ETA, and which history records a resumed attempt redoes. No TensorFlow (tests/test_policy.py runs without it).
 The values come validated from tljob.config.
 """
 
@@ -37,6 +37,13 @@ def learning_rate(base_lr: float, rule: str, global_batch: int, reference_batch:
     """
     ratio = global_batch / reference_batch
     return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
+def schedule_steps(epochs: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[int, int]:
+    """(warm-up steps, steps after the warm-up) of a phase's learning-rate schedule (train.<phase>.schedule)."""
+    total = epochs * steps_per_epoch
+    warmup = min(round(warmup_epochs * steps_per_epoch), total)
+    return warmup, total - warmup
 
 
 def phase_epochs(cfg: JobConfig) -> dict[str, tuple[int, int]]:

@@ -25,13 +25,15 @@ import tensorflow as tf
 
 from tljob import callbacks, cluster, console, data, export, fastval, faults, policy, report, rundir, storage
 from tljob import model as model_lib
-from tljob.config import JobConfig, PhaseConfig, digest, to_dict
+from tljob.config import AugmentConfig, JobConfig, PhaseConfig, digest, to_dict
 from tljob.errors import EXIT_OK, RetryableError
 from tljob.rundir import RunLayout
 
 log = logging.getLogger(__name__)
 
 PHASES = ("feature_extraction", "fine_tuning")
+# A phase with train.<phase>.augment: false trains on the images as they are.
+NO_AUGMENTATION = AugmentConfig(flip="none", rotation=0.0)
 # The file of a checkpoint folder that names its latest checkpoint (tf.train.CheckpointManager's): a backup
 # uploads it after the files it names.
 CHECKPOINT_INDEX = frozenset({"checkpoint"})
@@ -234,13 +236,6 @@ class Trainer:
         policy.check_global_batch(ds.train.num_examples, self.cfg.data.batch_size, self.ctx.replicas)
         steps = self.cfg.train.steps_per_epoch or data.steps_per_epoch(
             ds.train.num_examples, self.ctx.global_batch, drop_remainder=workers > 1)
-        # One endless stream, `steps` batches per epoch: with a finite dataset Keras makes a new iterator
-        # every epoch, and tearing the old one down stalled epochs by up to 40 s (real recipe, 2 CPUs).
-        train_ds = data.distributed_train_input(self.strategy, ds.train, global_batch=self.ctx.global_batch,
-                                                aug=self.cfg.augment, shuffle_buffer=self.cfg.data.shuffle_buffer,
-                                                seed=self.cfg.seed, num_workers=workers)
-        val_ds = (data.eval_pipeline(ds.validation, global_batch=self.ctx.global_batch, num_workers=workers)
-                  if ds.validation else None)
         tf.keras.utils.set_random_seed(self.cfg.seed)
         with self.strategy.scope():
             # Variables of both phases are created in this scope: the model here, the optimizers in compile.
@@ -269,42 +264,55 @@ class Trainer:
                 log.info("phase %s already finished: loading %s", phase, ckpt)
                 with self.watchdog.working(f"loading {phase} weights", collectives=True):
                     model.load_weights(str(ckpt))
-                    # The test evaluation in _finish needs a compiled model: a restart after both phases
-                    # (the chief died in the final publish) used to fail there with exit 1, on every retry.
-                    self._compile(model, phase_cfg, ds.num_classes)
                 continue
             # Compile, fit's own set-up and the backup's restore are a stage with collectives; inside fit,
             # FaultCallback switches to per-batch beats.
             with self.watchdog.working(f"phase {phase}", collectives=True):
-                self._fit_phase(model, phase, phase_cfg, ds, train_ds, val_ds, steps)
+                self._fit_phase(model, phase, phase_cfg, ds, steps)
             with self.watchdog.working(f"saving {phase} weights", collectives=True):
                 self._save_phase_weights(model, phase)
             self._mark_phase_done(phase, done)
+        if model.optimizer is None:
+            # The test evaluation in _finish needs a compiled model: a restart after both phases (the chief died
+            # in the final publish) used to fail there with exit 1, on every retry; a phase trained on cached
+            # features compiled its FeatureModel, not the model.
+            self._compile(model, self.cfg.train.fine_tuning, ds.num_classes, steps)
         result = self._finish(model, ds)
         self.watchdog.disarm()
         return result
 
     def _calibration_sample(self, split: data.Split, n: int = 64) -> "np.ndarray":
         """The first n training images in the seeded shuffle order (the same on every worker)."""
-        ds = data.train_pipeline(split, global_batch=n, aug=dataclasses.replace(self.cfg.augment, rotation=0.0,
-                                 flip="none"), shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed,
-                                 num_workers=1, repeat=False)
+        ds = data.train_pipeline(split, global_batch=n, aug=NO_AUGMENTATION, shuffle_buffer=self.cfg.data.shuffle_buffer,
+                                 seed=self.cfg.seed, num_workers=1, repeat=False)
         return next(iter(ds))[0].numpy()
 
     def _fit_phase(self, model: tf.keras.Model, phase: str, phase_cfg: PhaseConfig, ds: data.Dataset,
-                   train_ds: tf.data.Dataset | tf.distribute.DistributedDataset,
-                   val_ds: tf.data.Dataset | None, steps: int) -> None:
+                   steps: int) -> None:
         num_classes = ds.num_classes
         start, end = self.ends[phase]
         if end == start:
             log.info("phase %s: 0 epochs configured, skipped", phase)
             return
-        lr = self._compile(model, phase_cfg, num_classes)
-        trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
-        log.info("phase %s: epochs %d..%d, %s lr=%g, %d trainable parameters, %d steps/epoch",
-                 phase, start + 1, end, phase_cfg.optimizer, lr, trainable, steps)
-        # After compile: the cached-validation split follows the layers' trainable flags of this phase.
-        cached_validation, val_ds = self._validation(model, ds, val_ds)
+        cached_validation = None
+        if phase_cfg.cache_features:
+            fit_model, train_ds, val_ds = self._feature_inputs(model, phase, ds)
+        else:
+            fit_model = model
+            # One endless stream, `steps` batches per epoch: with a finite dataset Keras makes a new iterator
+            # every epoch, and tearing the old one down stalled epochs by up to 40 s (real recipe, 2 CPUs).
+            train_ds = data.distributed_train_input(
+                self.strategy, ds.train, global_batch=self.ctx.global_batch,
+                aug=self.cfg.augment if phase_cfg.augment else NO_AUGMENTATION,
+                shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed, num_workers=self.ctx.spec.num_workers)
+            # The cached-validation split follows the layers' trainable flags of this phase (set by the unfreeze).
+            cached_validation, val_ds = self._validation(model, ds)
+        lr = self._compile(fit_model, phase_cfg, num_classes, steps)
+        trainable = sum(int(tf.size(v)) for v in fit_model.trainable_variables)
+        log.info("phase %s: epochs %d..%d, %s lr=%g (%s%s), %d trainable parameters, %d steps/epoch%s", phase,
+                 start + 1, end, phase_cfg.optimizer, lr, phase_cfg.schedule,
+                 f", {phase_cfg.warmup_epochs:g} warm-up epochs" if phase_cfg.warmup_epochs else "", trainable, steps,
+                 ", on cached features" if phase_cfg.cache_features else "")
         ctx, runtime, logs = self.ctx, self.cfg.runtime, self.ctx.layout.logs
         chief_remote = ctx.is_chief and storage.is_remote(self.cfg.output or "")
         fit_callbacks = callbacks.make_callbacks(
@@ -320,30 +328,58 @@ class Trainer:
                 self.cfg.train.steps_per_execution, ctx.spec.num_workers)),
             tensorboard_dir=str(self._path(logs, phase)) if ctx.is_chief else None,
             sync_logs=(lambda: self.mirror.push(logs)) if chief_remote else None, log_sync_s=runtime.log_sync_s)
-        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start, steps_per_epoch=steps,
-                  validation_steps=self.cfg.train.validation_steps, callbacks=fit_callbacks, verbose=0)
+        fit_model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start, steps_per_epoch=steps,
+                      validation_steps=self.cfg.train.validation_steps, callbacks=fit_callbacks, verbose=0)
 
-    def _compile(self, model: tf.keras.Model, phase_cfg: PhaseConfig, num_classes: int) -> float:
+    def _compile(self, model: tf.keras.Model, phase_cfg: PhaseConfig, num_classes: int, steps: int) -> float:
         """Compiles for a phase on every worker (the optimizer's variables are created in the strategy's
-        scope); returns the learning rate."""
+        scope); returns the peak learning rate (train.<phase>.schedule shapes it over the phase's steps)."""
         lr = policy.learning_rate(phase_cfg.learning_rate, self.cfg.train.lr_scaling, self.ctx.global_batch,
                                   self.cfg.train.reference_batch_size)
         with self.strategy.scope():
-            model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
-                                        steps_per_execution=self.cfg.train.steps_per_execution)
+            model_lib.compile_for_phase(model, phase_cfg, model_lib.learning_rate_schedule(phase_cfg, lr, steps),
+                                        num_classes, steps_per_execution=self.cfg.train.steps_per_execution)
         return lr
 
-    def _validation(self, model: tf.keras.Model, ds: data.Dataset, val_ds: tf.data.Dataset | None,
+    def _feature_inputs(self, model: tf.keras.Model, phase: str, ds: data.Dataset,
+                        ) -> tuple[tf.keras.Model, object, tf.data.Dataset | None]:
+        """Runs on every worker: (the model to fit, its training input, its validation data) for a phase that
+        trains on cached features (train.<phase>.cache_features). The layers that do not change in this phase
+        run once, on this worker's share of the training images and on every validation image; fit then trains
+        the changing part (fastval.FeatureModel, the model's own layers) on their outputs."""
+        batch, image_shape = self.ctx.global_batch, (self.cfg.data.image_size, self.cfg.data.image_size, 3)
+        bottom, top = fastval.split_model(model, image_shape, training=True)
+        with self.strategy.scope():  # no variables of its own, but compile's optimizer is made for it
+            fit_model = fastval.FeatureModel(top, [shape for shape, _ in fastval.boundary_shapes(bottom, image_shape)],
+                                             name=f"{model.name}_{phase}_top")
+        share = cluster.worker_share(self.strategy)
+        features, labels = fastval.compute_features(
+            model, bottom, data.share_batches(ds.train, batch, share), image_shape=image_shape,
+            total_batches=-(-ds.train.num_examples // (batch * share[0])), what=f"training images (share {share[1] + 1} "
+            f"of {share[0]})", watchdog=self.watchdog)
+        train_ds = data.feature_train_input(self.strategy, features, labels, global_batch=batch, seed=self.cfg.seed,
+                                            num_workers=share[0])
+        val_ds = None
+        if ds.validation is not None:
+            val_features, val_labels = fastval.compute_features(
+                model, bottom, data.ordered_batches(ds.validation, batch), image_shape=image_shape,
+                total_batches=-(-ds.validation.num_examples // batch), what="validation images", watchdog=self.watchdog)
+            val_ds = data.feature_eval_pipeline(val_features, val_labels, global_batch=batch, num_workers=share[0])
+        return fit_model, train_ds, val_ds
+
+    def _validation(self, model: tf.keras.Model, ds: data.Dataset,
                     ) -> tuple[fastval.CachedValidation | None, tf.data.Dataset | None]:
         """Runs on every worker: (cached-validation callback, validation_data for fit). Cached validation
         needs the decoded validation images in memory; every worker validates all of them locally."""
         split = ds.validation
-        if split is None or not self.cfg.train.cached_validation:
-            return None, val_ds
-        if split.images is None:
-            log.info("cached validation: the validation split is streamed, not held in memory (data.cache, "
-                     "data.cache_budget_mb): model.evaluate validates every epoch instead")
-            return None, val_ds
+        if split is None:
+            return None, None
+        if not self.cfg.train.cached_validation or split.images is None:
+            if self.cfg.train.cached_validation:
+                log.info("cached validation: the validation split is streamed, not held in memory (data.cache, "
+                         "data.cache_budget_mb): model.evaluate validates every epoch instead")
+            return None, data.eval_pipeline(split, global_batch=self.ctx.global_batch,
+                                            num_workers=self.ctx.spec.num_workers)
         callback = fastval.make_validation_callback(
             model, split.images, split.labels, batch_size=self.ctx.global_batch, num_classes=ds.num_classes,
             budget_mb=self.cfg.data.cache_budget_mb, steps=self.cfg.train.validation_steps, watchdog=self.watchdog)
