@@ -29,6 +29,8 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "no_cached_validation": ["train.cached_validation=false"],
     "steps_per_execution_9": ["train.steps_per_execution=9"],
+    # What the input pipeline's flip + rotation take from the training step on the same cores.
+    "no_augmentation": ["train.feature_extraction.augment=false", "train.fine_tuning.augment=false"],
 }
 
 

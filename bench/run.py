@@ -107,13 +107,14 @@ def pipeline_section(mode: Mode, data: Path) -> dict[str, Any]:
 
 
 def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Path,
-                   who: tuple[str, ...]) -> dict[str, Any]:
+                   who: tuple[str, ...], first_seed: int = 1) -> dict[str, Any]:
     """Runs the tutorial's code and each tljob config in `who` ("tljob", "fast") in turn, `repeats` rounds; `keep`
     receives the last tljob run directory (for publishing).
 
-    Each tljob run has its own seed (round i: seed i + 1), as each run of the tutorial's code draws its own:
-    with one fixed seed, tljob's runs would differ only by thread timing, and its accuracy would be one
-    draw against the tutorial's several (over seeds, tljob's accuracy after phase 2 ranged 0.9675-0.980)."""
+    Each tljob run has its own seed (round i: seed first_seed + i), as each run of the tutorial's code draws its
+    own: with one fixed seed, tljob's runs would differ only by thread timing, and its accuracy would be one
+    draw against the tutorial's several (over seeds, tljob's accuracy after phase 2 ranged 0.9675-0.980). Seeds
+    other than those a config was tuned with check that it was not tuned to them."""
     n_train = count_images(data / "train")
     baseline = ["bench/tutorial_baseline.py", "--data", str(data), "--weights", weights,
                 "--image-size", str(mode.image_size), "--alpha", str(mode.alpha),
@@ -129,11 +130,12 @@ def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Pat
                 run_dir = Path(tmp) / "run"
                 # Quick mode shortens both configs alike; in full mode the fast config keeps its own epochs.
                 sets = mode.tljob_sets(data, weights, epochs=w == "tljob" or mode is QUICK)
-                result = procs.run(_tljob(run_dir, [*sets, f"seed={i + 1}"], CONFIGS[w]), timeout_s=mode.timeout_s,
-                                   what=f"{w} recipe #{i + 1}")
+                result = procs.run(_tljob(run_dir, [*sets, f"seed={first_seed + i}"], CONFIGS[w]),
+                                   timeout_s=mode.timeout_s, what=f"{w} recipe #{i + 1}")
                 if w == who[0] and i == repeats - 1:
                     run_dir.rename(keep)
-            runs[w].append({**procs.recipe_summary(result, n_train, PHASES), "seed": i + 1, "load": procs.load()})
+            runs[w].append({**procs.recipe_summary(result, n_train, PHASES), "seed": first_seed + i,
+                            "load": procs.load()})
             if w == "tljob":
                 backups.append(backup_share(result.events))
     out: dict[str, Any] = {"train_images": n_train, "runs": runs,
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=procs.ROOT / "bench" / "results")
     parser.add_argument("--sections", default="pipeline,recipe,floor,multiworker,costs",
                         help="comma-separated subset, for re-measuring one part")
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="tljob's seed in the first round (the next rounds count up from it)")
     parser.add_argument("--configs", default="tljob,fast",
                         help="the tljob configs the recipe section runs beside the tutorial's code: tljob "
                              "(job/cats_vs_dogs.yaml), fast (job/cats_vs_dogs_fast.yaml); the first also gives the "
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now()
     results: dict[str, Any] = {"date": started.isoformat(timespec="seconds"), "mode": mode.name,
                                "machine": report.machine(), "load_before": procs.load(),
-                               "settings": dataclasses.asdict(mode) | {"repeats": repeats},
+                               "settings": dataclasses.asdict(mode) | {"repeats": repeats, "first_seed": args.first_seed,
+                                                                       "configs": args.configs},
                                # A PYTHONPATH here means tljob was measured from another source tree.
                                "pythonpath": os.environ.get("PYTHONPATH")}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -325,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             results["pipeline"] = pipeline_section(mode, data)
         if "recipe" in sections or "costs" in sections:
             who = tuple(w for w in args.configs.split(",") if w)
-            recipe = recipe_section(mode, data, weights, repeats, keep=work / "last-tljob-run", who=who)
+            recipe = recipe_section(mode, data, weights, repeats, keep=work / "last-tljob-run", who=who,
+                                    first_seed=args.first_seed)
             for key in ("recipe_time_ratio", "fast_time_ratio"):
                 if key in recipe:
                     results[key] = recipe[key]
