@@ -284,19 +284,26 @@ def _history(out: Path) -> list[dict]:
         return []
 
 
+def _kill_once_backed_up(args: tuple[str, ...], backup: Path, epoch: int) -> int:
+    """Starts `tljob args`, SIGKILLs it once `backup` holds the end of `epoch` (1-based) or a later one; returns
+    the epoch the last backup holds."""
+    proc = start(*args)
+    _wait_for(lambda: (backed_up_epoch(backup) or 0) >= epoch, proc, timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = backed_up_epoch(backup)
+    assert killed_at is not None
+    return killed_at
+
+
 def test_run_killed_in_phase_2_resumes_without_repeating(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ("train", "--config", DRY_RUN, "--output", str(out), "--set", "train.feature_extraction.epochs=2",
             "--set", "train.fine_tuning.epochs=4", "--set", "data.synthetic.validation_examples=16",
             "--set", "data.synthetic.test_examples=0")
-    proc = start(*args)
-    backup = out / "backup" / "fine_tuning"
     # Killed (SIGKILL: no chance to clean up) once the first fine-tuning epoch is backed up.
-    _wait_for(lambda: (backed_up_epoch(backup) or 0) >= 3, proc, timeout=120)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = backed_up_epoch(backup)
-    assert killed_at is not None and 3 <= killed_at < 6, "the kill must land inside phase 2"
+    killed_at = _kill_once_backed_up(args, out / "backup" / "fine_tuning", 3)
+    assert 3 <= killed_at < 6, "the kill must land inside phase 2"
     assert not (out / "_SUCCESS").exists()
     resumed = tljob(*args)
     assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
@@ -316,13 +323,8 @@ def test_phase_on_cached_features_killed_resumes_from_its_backup(tmp_path: Path)
             "--set", "train.feature_extraction.cache_features=true", "--set", "train.feature_extraction.augment=false",
             "--set", "train.fine_tuning.epochs=2", "--set", "train.fine_tuning.schedule=cosine",
             "--set", "train.fine_tuning.warmup_epochs=0.5", "--set", "data.synthetic.test_examples=0")
-    proc = start(*args)
-    backup = out / "backup" / "feature_extraction"
-    _wait_for(lambda: (backed_up_epoch(backup) or 0) >= 3, proc, timeout=120)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = backed_up_epoch(backup)
-    assert killed_at is not None and 3 <= killed_at < 40, "the kill must land inside phase 1"
+    killed_at = _kill_once_backed_up(args, out / "backup" / "feature_extraction", 3)
+    assert 3 <= killed_at < 40, "the kill must land inside phase 1"
     resumed = tljob(*args)
     assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
     assert resumed.stderr.count("on cached features") == 1  # phase 1 only
