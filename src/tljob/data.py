@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tljob import storage
+from tljob import cpus, storage
 from tljob.config import AugmentConfig, DataConfig
 from tljob.errors import ConfigError, DataError, RetryableError
 
@@ -125,15 +125,21 @@ def _scan_pipeline(encoded_ds: tf.data.Dataset, image_size: int, chunk: int = _S
     """
     # Plain TensorFlow calls: AutoGraph's source transform would only add ~0.1 s per traced function.
     decode = tf.autograph.experimental.do_not_convert(lambda i, data: (i, decode_and_resize(data, image_size)))
-    ds = encoded_ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = encoded_ds.map(decode, num_parallel_calls=parallel_calls(), deterministic=True)
     ds = ds.ignore_errors().batch(chunk).prefetch(2)
     return ds.with_options(_no_autotuner())
 
 
-def _no_autotuner() -> tf.data.Options:
-    """Options for every tljob pipeline: fixed parallelism instead of tf.data's autotuner.
+def parallel_calls() -> int:
+    """Parallel calls of every stage of every pipeline: one per CPU this process may use (tljob.cpus), so in a
+    pod with a CPU limit the quota's count, not the node's cores (which AUTOTUNE would count)."""
+    return cpus.budget().usable
 
-    AUTOTUNE then means one parallel call per schedulable core; prefetch buffers still grow on demand.
+
+def _no_autotuner() -> tf.data.Options:
+    """Options for every tljob pipeline: fixed parallelism (parallel_calls) instead of tf.data's autotuner.
+
+    Prefetch buffers (AUTOTUNE) still grow on demand.
     The autotuner's model thread re-optimises at a period that doubles up to 60 s, and deleting an iterator
     waits for the period to run out, so `fit` stood still at the phase boundary and after the last epoch;
     it also left a core partly idle in the decode pass. Figures: bench/README.md, "What each change bought".
@@ -168,7 +174,7 @@ def _scan(
 def _read_encoded(paths: list[str]) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
     read = tf.autograph.experimental.do_not_convert(lambda i, p: (i, tf.io.read_file(p)))
-    return ds.map(read, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.map(read, num_parallel_calls=parallel_calls(), deterministic=True)
 
 
 # ----------------------------------------------------------------------------- folder source
@@ -235,7 +241,7 @@ def _folder_splits(parts: dict[str, list[tuple[str, int]]], cfg: DataConfig, cac
             good_paths = [paths[i] for i in good_idx[lo:hi]]
             stream = tf.data.Dataset.from_tensor_slices((good_paths, labels[good_idx[lo:hi]])).map(
                 lambda p, y: (decode_and_resize(tf.io.read_file(p), cfg.image_size), y),
-                num_parallel_calls=AUTOTUNE)
+                num_parallel_calls=parallel_calls())
             splits[name] = Split(name, len(good_paths), stream=stream, num_files=len(good_paths), paths=good_paths)
         start = end
     return splits
@@ -335,8 +341,8 @@ def _read_tfrecord_meta(key: str, meta_path: str) -> dict:
 def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool,
                     num_examples: int) -> tuple[Split, list[str]]:
     """The split, and the records that do not decode (found by the decode pass when the split is cached)."""
-    records = tf.data.TFRecordDataset(files, num_parallel_reads=AUTOTUNE).map(
-        lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=AUTOTUNE
+    records = tf.data.TFRecordDataset(files, num_parallel_reads=parallel_calls()).map(
+        lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=parallel_calls()
     )
     if cache:
         rows = list(records.map(lambda r: (r["image/class/label"], r["image/filename"])).as_numpy_iterator())
@@ -350,9 +356,9 @@ def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool,
     # Streamed: files are read per worker (FILE sharding when there are enough of them); the converter
     # already left out undecodable images, so decode errors here would be corruption and must surface.
     stream = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, num_parallel_calls=AUTOTUNE, deterministic=True
+        tf.data.TFRecordDataset, num_parallel_calls=parallel_calls(), deterministic=True
     ).map(
-        lambda r: _parse_decode(r, cfg.image_size), num_parallel_calls=AUTOTUNE
+        lambda r: _parse_decode(r, cfg.image_size), num_parallel_calls=parallel_calls()
     )
     return Split(name, num_examples, stream=stream, num_files=len(files)), []
 
@@ -505,7 +511,7 @@ def _load_tfds(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     cache = _want_cache(cfg, sum(sizes.values()))
     splits = {}
     for key, ds in raw.items():
-        ds = ds.map(lambda x, y: (resize_image(x, cfg.image_size), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (resize_image(x, cfg.image_size), y), num_parallel_calls=parallel_calls())
         if cache:
             images = np.empty((sizes[key], cfg.image_size, cfg.image_size, 3), np.uint8)
             labels = np.empty((sizes[key],), np.int64)
@@ -769,7 +775,7 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
         load = augmented
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch, drop_remainder=drop_remainder).map(load, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=drop_remainder).map(load, num_parallel_calls=parallel_calls())
     return ds.prefetch(AUTOTUNE)
 
 
@@ -777,14 +783,14 @@ def ordered_batches(split: Split, batch_size: int) -> tf.data.Dataset:
     """(float32 images, labels) batches of the whole split in its stored order, on this worker alone: the
     evaluation report pairs each prediction with the example's name (Split.paths) by position."""
     ds = _source_dataset(split).batch(batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=parallel_calls())
     # Unlike the training pipelines (_with_options), order kept: parallel maps stay deterministic.
     return ds.prefetch(AUTOTUNE).with_options(_no_autotuner())
 
 
 def eval_pipeline(split: Split, *, global_batch: int, num_workers: int) -> tf.data.Dataset:
     ds = _source_dataset(split).batch(global_batch, drop_remainder=num_workers > 1)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=parallel_calls())
     return _with_options(ds.prefetch(AUTOTUNE), split, num_workers)
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tljob import callbacks, cluster, console, data, export, fastval, faults, policy, report, rundir, storage
+from tljob import callbacks, cluster, console, cpus, data, export, fastval, faults, policy, report, rundir, storage
 from tljob import model as model_lib
 from tljob.config import JobConfig, PhaseConfig, digest, to_dict
 from tljob.errors import EXIT_OK, RetryableError
@@ -95,6 +95,8 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         return EXIT_OK
     rundir.check_resumed(cfg, cfg.output)
     cluster.apply_cluster_env(spec, os.environ)
+    # Before the strategy: TensorFlow's thread pools are fixed once its runtime starts.
+    tf_threads = cpus.limit_tensorflow_threads()
     # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
     strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
                                        cfg.runtime.collective_timeout_s)
@@ -112,6 +114,9 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
              spec.task_type, spec.task_index, spec.num_workers, replicas, ctx.is_chief, ctx.global_batch,
              ctx.staging)
+    calls = data.parallel_calls()
+    log.info("input pipeline: %d parallel call%s per stage (%s)%s", calls, "" if calls == 1 else "s",
+             cpus.budget().describe(), f"; TensorFlow's thread pools sized {tf_threads}" if tf_threads else "")
     try:
         return Trainer(ctx, strategy).run()
     except tf.errors.OpError as exc:
