@@ -393,6 +393,18 @@ def test_decoded_file_batches_leave_gaps_for_bad_files(tmp_path: Path) -> None:
     assert batches[0][1].shape == (2, 24, 24, 3) and batches[0][1].dtype == np.uint8
 
 
+def test_placement_model_leaves_the_batches_unaugmented() -> None:
+    # Labels number the images, so each batch can be compared with the images it holds.
+    images, _ = data.synthetic_images(16, 2, 32, seed=0)
+    split = data.Split("train", 16, images=images, labels=np.arange(16))
+    for placement, untouched in (("model", True), ("pipeline", False)):
+        ds = data.train_pipeline(split, global_batch=8, aug=AugmentConfig(placement=placement), shuffle_buffer=16,
+                                 seed=1, num_workers=1, repeat=False)
+        for x, y in ds:
+            assert x.dtype == tf.float32
+            assert np.array_equal(x.numpy(), images[y.numpy()].astype(np.float32)) is untouched, placement
+
+
 def parallel_calls_of(ds: tf.data.Dataset) -> list[int]:
     """num_parallel_calls (or reads) of every parallel stage: the last input of each Parallel* dataset node."""
     from tensorflow.core.framework import graph_pb2

@@ -18,7 +18,7 @@ import tljob  # noqa: F401 - selects tf-keras before TensorFlow loads
 import tensorflow as tf
 
 from tljob import fastval, model as model_lib
-from tljob.config import FineTuneConfig, ModelConfig, PhaseConfig
+from tljob.config import AugmentConfig, FineTuneConfig, ModelConfig, PhaseConfig
 from tljob.data import synthetic_images
 from tljob.fastval import Graph, Step, split_graph
 
@@ -138,6 +138,28 @@ def test_over_budget_runs_the_whole_network_with_the_same_result() -> None:
     limited = fastval.make_validation_callback(model, val_x, val_y, batch_size=8, num_classes=2, budget_mb=64,
                                                steps=2)
     assert_same(limited.evaluate(), evaluate(model, val_x[:16], val_y[:16], 8))
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_augmentation_layer_and_mixed_precision_validate_as_evaluate(precision: str) -> None:
+    """augment.placement: model puts a layer without weights first (constant, identity in inference); a mixed
+    policy makes the boundary tensors 16-bit. Both phases still give model.evaluate's metrics."""
+    with model_lib.precision_scope(precision):
+        model = model_lib.build_model(ModelConfig(weights="none", alpha=0.35), image_size=SIZE, num_classes=2,
+                                      cache_dir="/nonexistent", augment=AugmentConfig(placement="model"))
+        images, _ = synthetic_images(32, 2, SIZE, seed=7)
+        model_lib.calibrate_batchnorm(model, images.astype(np.float32))
+        model_lib.compile_for_phase(model, PhaseConfig(learning_rate=1e-2), 1e-2, 2)
+        val_x, val_y = synthetic_images(24, 2, SIZE, seed=2)
+        for phase in range(2):
+            if phase:
+                unfreeze(model, 2)
+            perturb_trainable(model, seed=phase)
+            callback = fastval.make_validation_callback(model, val_x, val_y, batch_size=8, num_classes=2, budget_mb=64)
+            assert "augment" in [step.name for step in callback.bottom.steps]
+            boundary = {dtype for _, dtype in fastval.boundary_shapes(callback.bottom, val_x)}
+            assert boundary == {tf.float32 if precision == "float32" else tf.bfloat16}
+            assert_same(callback.evaluate(), evaluate(model, val_x, val_y, 8))
 
 
 def test_fit_logs_history_and_tensorboard_see_the_metrics(tmp_path: Path) -> None:

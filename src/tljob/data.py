@@ -628,9 +628,10 @@ def _rotation_matrices(angles: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -
 def augment_batch(images: tf.Tensor, aug: AugmentConfig) -> tf.Tensor:
     """RandomFlip + RandomRotation(factor) on a float batch, as the tutorial's Keras layers compute them.
 
-    Done in the input pipeline rather than in the model: it then runs in parallel with the training step
-    (in-model rotation costs about as much as the frozen network on CPU) and the exported model carries
-    no training-only layers. Stateless per-op randomness means no variables to place under a strategy.
+    Done in the input pipeline by default: it then runs in parallel with the training step (in-model rotation
+    costs about as much as the frozen network on CPU) and the exported model carries no training-only layers.
+    With augment.placement: model the training model calls it (model.Augmentation), on the accelerator.
+    Stateless per-op randomness means no variables to place under a strategy.
     """
     batch = tf.shape(images)[0]
     flip_h = flip_v = None
@@ -752,7 +753,9 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
     """Shuffled (reshuffled every epoch), batched, augmented batches of `split`, or of its share (n, i):
     every n-th image from the i-th on (in-memory splits only)."""
     def augmented(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return augment_batch(tf.cast(x, tf.float32), aug), y
+        x = tf.cast(x, tf.float32)
+        # augment.placement model: the training model augments (model.Augmentation); here only batch and cast.
+        return (augment_batch(x, aug) if aug.placement == "pipeline" else x), y
 
     if split.images is not None:
         # In memory, a whole permutation of the indices each epoch costs 8 bytes an image; a bounded

@@ -115,8 +115,11 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
              spec.task_type, spec.task_index, spec.num_workers, replicas, ctx.is_chief, ctx.global_batch,
              ctx.staging)
     calls = data.parallel_calls()
-    log.info("input pipeline: %d parallel call%s per stage (%s)%s", calls, "" if calls == 1 else "s",
-             cpus.budget().describe(), f"; TensorFlow's thread pools sized {tf_threads}" if tf_threads else "")
+    log.info("input pipeline: %d parallel call%s per stage (%s)%s; augmentation in the %s", calls,
+             "" if calls == 1 else "s", cpus.budget().describe(),
+             f"; TensorFlow's thread pools sized {tf_threads}" if tf_threads else "", cfg.augment.placement)
+    # Before any model is built, on every worker.
+    model_lib.set_precision(cfg.runtime.precision)
     try:
         return Trainer(ctx, strategy).run()
     except tf.errors.OpError as exc:
@@ -252,7 +255,7 @@ class Trainer:
             # Creating a variable under MultiWorkerMirroredStrategy broadcasts its value: collectives.
             with self.watchdog.working("model build", collectives=True):
                 model = model_lib.build_model(self.cfg.model, image_size=self.cfg.data.image_size,
-                                              num_classes=ds.num_classes, cache_dir=cache_dir)
+                                              num_classes=ds.num_classes, cache_dir=cache_dir, augment=self.cfg.augment)
             if self.cfg.model.weights == "none" and "fine_tuning" not in done:
                 with self.watchdog.working("BatchNorm calibration", collectives=True):
                     model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
@@ -335,7 +338,8 @@ class Trainer:
                                   self.cfg.train.reference_batch_size)
         with self.strategy.scope():
             model_lib.compile_for_phase(model, phase_cfg, lr, num_classes,
-                                        steps_per_execution=self.cfg.train.steps_per_execution)
+                                        steps_per_execution=self.cfg.train.steps_per_execution,
+                                        jit_compile=self.cfg.runtime.jit_compile)
         return lr
 
     def _validation(self, model: tf.keras.Model, ds: data.Dataset, val_ds: tf.data.Dataset | None,
@@ -396,14 +400,19 @@ class Trainer:
 
         Saving the distributed model would make every worker trace and write a full export (a save under
         MultiWorkerMirroredStrategy must run on every worker); a plain copy with the same weights is saved
-        by the chief only, and loads anywhere without a strategy. It holds no training state.
+        by the chief only, and loads anywhere without a strategy. It holds no training state. It is built in
+        float32 whatever runtime.precision (the variables are float32 in every policy, so the weights carry
+        over as they are) and without the augmentation layer (which has no weights): the export takes float32
+        pixels and gives float32 probabilities, and serving never augments.
         """
         cfg = self.cfg
-        copy = model_lib.build_model(dataclasses.replace(cfg.model, weights="none"), image_size=cfg.data.image_size,
-                                     num_classes=num_classes, cache_dir="")
-        model_lib.unfreeze_from(copy, cfg.train.fine_tuning.fine_tune_at)
-        copy.set_weights(weights)
-        model_lib.compile_for_phase(copy, cfg.train.fine_tuning, cfg.train.fine_tuning.learning_rate, num_classes)
+        with model_lib.precision_scope("float32"):
+            copy = model_lib.build_model(dataclasses.replace(cfg.model, weights="none"),
+                                         image_size=cfg.data.image_size, num_classes=num_classes, cache_dir="")
+            model_lib.unfreeze_from(copy, cfg.train.fine_tuning.fine_tune_at)
+            copy.set_weights(weights)
+            model_lib.compile_for_phase(copy, cfg.train.fine_tuning, cfg.train.fine_tuning.learning_rate,
+                                        num_classes)
         return copy
 
     def _evaluation_report(self, serving: tf.keras.Model, ds: data.Dataset) -> dict | None:
