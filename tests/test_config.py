@@ -205,6 +205,19 @@ def test_xla_is_refused_only_with_the_rotation_inside_the_step() -> None:
         load_config(dry, ["runtime.jit_compile=true", "augment.placement=model", "augment.rotation=0.1"], environ={})
 
 
+def test_gpu_job_is_the_recipe_with_the_gpu_settings() -> None:
+    gpu = load_config(ROOT / "job" / "cats_vs_dogs_gpu.yaml", environ={})
+    recipe = load_config(ROOT / "job" / "cats_vs_dogs.yaml", environ={})
+    assert (gpu.runtime.precision, gpu.runtime.jit_compile, gpu.augment.placement) == ("mixed_float16", False, "model")
+    assert gpu.data.cache == "auto" and gpu.data.cache_budget_mb >= 2048  # cats_vs_dogs decoded: ~1.8 GB
+    # Same data source and the same model; the training differs only by the batch and its learning rates.
+    assert gpu.data.source == recipe.data.source and gpu.data.name == recipe.data.name
+    assert (gpu.data.train, gpu.data.validation, gpu.data.test) == (recipe.data.train, recipe.data.validation,
+                                                                   recipe.data.test)
+    assert gpu.model == recipe.model and gpu.augment.flip == recipe.augment.flip
+    assert gpu.augment.rotation == recipe.augment.rotation
+
+
 def test_precision_is_not_safe_on_resume_unlike_the_rest_of_runtime() -> None:
     dry = ROOT / "job" / "dry_run.yaml"
     saved = to_yaml(load_config(dry, environ={}))
