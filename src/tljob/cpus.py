@@ -1,4 +1,5 @@
-"""How many CPUs this process may use: the input pipelines' parallelism follows it (tljob.data).
+"""How many CPUs this process may use: the input pipelines' parallelism (tljob.data) and TensorFlow's thread
+pools follow it.
 
 In a pod with a CPU limit the kernel enforces it as a CFS quota, while every core of the node stays
 schedulable: counting cores (what tf.data's AUTOTUNE does when its autotuner is off) then starts one parallel
@@ -88,9 +89,9 @@ def limit_tensorflow_threads() -> int | None:
     the size set, None when the pools keep TensorFlow's own sizes.
 
     TensorFlow sizes both pools by the schedulable cores; under a quota their threads then run in short
-    bursts and wait out the rest of each CFS period. In a container limited to 1 CPU on 2 cores this doubled
-    the dry run's steady-state images/s (bench/README.md, "CPU quota"). Call it before TensorFlow's runtime
-    starts (the first op, the strategy).
+    bursts and wait out the rest of each CFS period. In a container limited to 1 CPU on 2 cores this raised
+    the dry run's steady-state images/s 1.7x (bench/README.md, "CPU quota"). Call it before TensorFlow's
+    runtime starts (the first op, the strategy).
     """
     cpu = budget()
     if cpu.usable >= cpu.cores:
