@@ -111,6 +111,12 @@ BAD = [
     # Augmented images change the cached outputs every step: refused, naming both ways out.
     (["train.feature_extraction.cache_features=true"], "train.feature_extraction.cache_features",
      "set train.feature_extraction.augment: false, or train.feature_extraction.cache_features: false"),
+    (["runtime.precision=float16"], "runtime.precision", "float32, mixed_float16, mixed_bfloat16"),
+    (["runtime.jit_compile=maybe"], "runtime.jit_compile", "not a valid bool"),
+    (["augment.placement=gpu"], "augment.placement", "pipeline, model"),
+    # The rotation inside an XLA-compiled step: TensorFlow 2.21 has no XLA kernel for its op.
+    (["runtime.jit_compile=true", "augment.placement=model"], "runtime.jit_compile: invalid value True",
+     "(ImageProjectiveTransformV3) has no XLA kernel in TensorFlow 2.21"),
 ]
 
 
@@ -214,3 +220,48 @@ def test_cache_features_needs_unchanged_images_only() -> None:
     default = load_config(ROOT / "job" / "cats_vs_dogs.yaml", environ={})
     for phase in (default.train.feature_extraction, default.train.fine_tuning):
         assert (phase.augment, phase.cache_features, phase.schedule, phase.warmup_epochs) == (True, False, "constant", 0)
+
+
+def test_gpu_settings_default_off() -> None:
+    """Defaults: the recipe as before (float32, no XLA, augmentation in the input pipeline)."""
+    for cfg in (load_config(None, environ={}), load_config(ROOT / "job" / "cats_vs_dogs.yaml", environ={}),
+                load_config(ROOT / "job" / "dry_run.yaml", environ={})):
+        assert (cfg.runtime.precision, cfg.runtime.jit_compile, cfg.augment.placement) == ("float32", False, "pipeline")
+
+
+def test_xla_is_refused_only_with_the_rotation_inside_the_step() -> None:
+    dry = ROOT / "job" / "dry_run.yaml"
+    for allowed in (["runtime.jit_compile=true"],  # the rotation runs in the input pipeline
+                    ["runtime.jit_compile=true", "augment.placement=model", "augment.rotation=0"]):  # flips compile
+        assert load_config(dry, allowed, environ={}).runtime.jit_compile is True
+    with pytest.raises(ConfigError, match=r"Set runtime.jit_compile: false, or augment.placement: pipeline"):
+        load_config(dry, ["runtime.jit_compile=true", "augment.placement=model", "augment.rotation=0.1"], environ={})
+
+
+def test_gpu_job_is_the_recipe_with_the_gpu_settings() -> None:
+    gpu = load_config(ROOT / "job" / "cats_vs_dogs_gpu.yaml", environ={})
+    recipe = load_config(ROOT / "job" / "cats_vs_dogs.yaml", environ={})
+    assert (gpu.runtime.precision, gpu.runtime.jit_compile, gpu.augment.placement) == ("mixed_float16", False, "model")
+    assert gpu.data.cache == "auto" and gpu.data.cache_budget_mb >= 2048  # cats_vs_dogs decoded: ~1.8 GB
+    # Same data source and the same model; the training differs only by the batch and its learning rates.
+    assert gpu.data.source == recipe.data.source and gpu.data.name == recipe.data.name
+    assert (gpu.data.train, gpu.data.validation, gpu.data.test) == (recipe.data.train, recipe.data.validation,
+                                                                   recipe.data.test)
+    assert gpu.model == recipe.model and gpu.augment.flip == recipe.augment.flip
+    assert gpu.augment.rotation == recipe.augment.rotation
+
+
+def test_precision_is_not_safe_on_resume_unlike_the_rest_of_runtime() -> None:
+    dry = ROOT / "job" / "dry_run.yaml"
+    saved = to_yaml(load_config(dry, environ={}))
+    moved = load_config(dry, ["runtime.jit_compile=true", "augment.placement=model", "augment.rotation=0"],
+                        environ={})
+    assert changes_on_resume(saved, "params.yaml", moved) == ["augment.rotation: 0.2 -> 0.0"]
+    mixed = load_config(dry, ["runtime.precision=mixed_bfloat16"], environ={})
+    assert changes_on_resume(saved, "params.yaml", mixed) == ["runtime.precision: 'float32' -> 'mixed_bfloat16'"]
+    # The digest covers what a resume may not change: the precision, not where or how the run executes.
+    base = load_config(dry, environ={})
+    assert digest(mixed) != digest(base)
+    for safe in (["runtime.jit_compile=true", "data.cache=none", "runtime.peer_timeout_s=9"],
+                 ["augment.placement=model"]):
+        assert digest(load_config(dry, safe, environ={})) == digest(base)

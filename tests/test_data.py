@@ -14,7 +14,7 @@ from PIL import Image
 import tljob  # noqa: F401  (selects tf-keras before TensorFlow loads)
 import tensorflow as tf
 
-from tljob import data, storage
+from tljob import cpus, data, storage
 from tljob.config import AugmentConfig, DataConfig
 from tljob.errors import ConfigError, DataError
 
@@ -421,3 +421,52 @@ def test_decoded_file_batches_leave_gaps_for_bad_files(tmp_path: Path) -> None:
     batches = list(data.decoded_file_batches(paths, 24, batch_size=2).as_numpy_iterator())
     assert [idx.tolist() for idx, _ in batches] == [[0, 3], [4, 5]]
     assert batches[0][1].shape == (2, 24, 24, 3) and batches[0][1].dtype == np.uint8
+
+
+def test_placement_model_leaves_the_batches_unaugmented() -> None:
+    # Labels number the images, so each batch can be compared with the images it holds.
+    images, _ = data.synthetic_images(16, 2, 32, seed=0)
+    split = data.Split("train", 16, images=images, labels=np.arange(16))
+    for placement, untouched in (("model", True), ("pipeline", False)):
+        ds = data.train_pipeline(split, global_batch=8, aug=AugmentConfig(placement=placement), shuffle_buffer=16,
+                                 seed=1, num_workers=1, repeat=False)
+        for x, y in ds:
+            assert x.dtype == tf.float32
+            assert np.array_equal(x.numpy(), images[y.numpy()].astype(np.float32)) is untouched, placement
+
+
+def parallel_calls_of(ds: tf.data.Dataset) -> list[int]:
+    """num_parallel_calls (or reads) of every parallel stage: the last input of each Parallel* dataset node."""
+    from tensorflow.core.framework import graph_pb2
+
+    graph = graph_pb2.GraphDef.FromString(ds._as_serialized_graph().numpy())
+    consts = {node.name: node for node in graph.node if node.op == "Const"}
+    return [int(tf.make_ndarray(consts[node.input[-1].split(":")[0]].attr["value"].tensor))
+            for node in graph.node if node.op.startswith("Parallel")]
+
+
+@pytest.mark.parametrize("budget,calls", [(cpus.CpuBudget(cores=8, quota=1.0), 1),
+                                          (cpus.CpuBudget(cores=8, quota=2.5), 3),
+                                          (cpus.CpuBudget(cores=3, quota=None), 3)])
+def test_every_pipeline_runs_one_call_per_usable_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     budget: cpus.CpuBudget, calls: int) -> None:
+    # In a pod limited to 1 CPU on an 8-core node, AUTOTUNE would have started 8 calls per stage.
+    monkeypatch.setattr(cpus, "budget", lambda: budget)
+    images, labels = data.synthetic_images(8, 2, 16, seed=0)
+    split = data.Split("t", 8, images=images, labels=labels)
+    root = make_image_folder(tmp_path / "imgs", {"a": 2, "b": 2}, size=16)
+    data.convert_folder(str(root), str(tmp_path / "records"), shards=2)
+    streamed = data.load_dataset(DataConfig(source="tfrecord", train=str(tmp_path / "records"), validation=None,
+                                            test=None, image_size=16, cache="none"), seed=0, cache_dir="")
+    pipelines = {
+        "train": data.train_pipeline(split, global_batch=4, aug=AugmentConfig(), shuffle_buffer=8, seed=1,
+                                     num_workers=1, repeat=True),
+        "eval": data.eval_pipeline(split, global_batch=4, num_workers=1),
+        "ordered": data.ordered_batches(split, 4),
+        "decode pass": data.decoded_file_batches([str(p) for p in (root / "a").iterdir()], 16, batch_size=2),
+        "tfrecord stream": data.train_pipeline(streamed.train, global_batch=2, aug=AugmentConfig(), shuffle_buffer=4,
+                                               seed=1, num_workers=1, repeat=True),
+    }
+    for name, ds in pipelines.items():
+        found = parallel_calls_of(ds)
+        assert found and set(found) == {calls}, (name, found)

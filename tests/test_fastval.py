@@ -18,7 +18,7 @@ import tljob  # noqa: F401 - selects tf-keras before TensorFlow loads
 import tensorflow as tf
 
 from tljob import data, fastval, model as model_lib
-from tljob.config import FineTuneConfig, ModelConfig, PhaseConfig
+from tljob.config import AugmentConfig, FineTuneConfig, ModelConfig, PhaseConfig
 from tljob.data import synthetic_images
 from tljob.fastval import Graph, Step, narrow_boundary, split_graph
 
@@ -65,6 +65,15 @@ def test_split_extremes_everything_or_nothing_constant() -> None:
     assert bottom.outputs == ("out:0",) and top.steps == () and top.outputs == ("out:0",)
     bottom, top = split_graph(residual_graph({"a"}), changes)
     assert bottom.steps == () and bottom.outputs == ("x:0",) and len(top.steps) == 7
+
+
+def test_in_model_augmentation_changes_in_training_only_while_on() -> None:
+    model = model_lib.build_model(ModelConfig(weights="none", alpha=0.35), image_size=SIZE, num_classes=2,
+                                  cache_dir="/nonexistent", augment=AugmentConfig(placement="model"))
+    step = next(s for s in fastval.flatten_graph(model).steps if s.name == "augment")
+    assert fastval.changes_in_training(step) and not fastval.changes_in_inference(step)
+    model_lib.set_augmentation(model, False)  # a phase with train.<phase>.augment: false
+    assert not fastval.changes_in_training(step)
 
 
 def sized(nbytes: dict[str, int]):
@@ -182,6 +191,28 @@ def test_over_budget_runs_the_whole_network_with_the_same_result() -> None:
     limited = fastval.make_validation_callback(model, val_x, val_y, batch_size=8, num_classes=2, budget_mb=64,
                                                steps=2)
     assert_same(limited.evaluate(), evaluate(model, val_x[:16], val_y[:16], 8))
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_augmentation_layer_and_mixed_precision_validate_as_evaluate(precision: str) -> None:
+    """augment.placement: model puts a layer without weights first (constant, identity in inference); a mixed
+    policy makes the boundary tensors 16-bit. Both phases still give model.evaluate's metrics."""
+    with model_lib.precision_scope(precision):
+        model = model_lib.build_model(ModelConfig(weights="none", alpha=0.35), image_size=SIZE, num_classes=2,
+                                      cache_dir="/nonexistent", augment=AugmentConfig(placement="model"))
+        images, _ = synthetic_images(32, 2, SIZE, seed=7)
+        model_lib.calibrate_batchnorm(model, images.astype(np.float32))
+        model_lib.compile_for_phase(model, PhaseConfig(learning_rate=1e-2), 1e-2, 2)
+        val_x, val_y = synthetic_images(24, 2, SIZE, seed=2)
+        for phase in range(2):
+            if phase:
+                unfreeze(model, 2)
+            perturb_trainable(model, seed=phase)
+            callback = fastval.make_validation_callback(model, val_x, val_y, batch_size=8, num_classes=2, budget_mb=64)
+            assert "augment" in [step.name for step in callback.bottom.steps]
+            boundary = {dtype for _, dtype in fastval.boundary_shapes(callback.bottom, val_x)}
+            assert boundary == {tf.float32 if precision == "float32" else tf.bfloat16}
+            assert_same(callback.evaluate(), evaluate(model, val_x, val_y, 8))
 
 
 def test_fit_logs_history_and_tensorboard_see_the_metrics(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import tljob  # noqa: F401  (selects tf-keras before TensorFlow loads)
 import tensorflow as tf
 
 from tljob import model as model_lib
-from tljob.config import MOBILENET_V2_DEPTH, FineTuneConfig, ModelConfig, PhaseConfig
+from tljob.config import MOBILENET_V2_DEPTH, AugmentConfig, FineTuneConfig, ModelConfig, PhaseConfig
 from tljob.errors import ConfigError
 
 
@@ -150,3 +151,96 @@ def test_statistics_agree_across_replicas_after_calibration() -> None:
     assert result["before"] == [[1.0] * 3, [2.0] * 3], "the replicas must start apart for the test to mean anything"
     assert result["mean"] == [[1.5] * 3, [1.5] * 3]
     assert result["var"] == [[15.0] * 3, [15.0] * 3]
+
+
+# --- GPU settings: precision, XLA, augmentation in the model ----------------------------------------------
+
+
+@pytest.mark.parametrize("precision,compute,scaled", [("mixed_float16", "float16", True),
+                                                      ("mixed_bfloat16", "bfloat16", False)])
+def test_mixed_precision_keeps_the_head_and_the_variables_in_float32(precision: str, compute: str,
+                                                                     scaled: bool) -> None:
+    with model_lib.precision_scope(precision):
+        m = small()
+        model_lib.compile_for_phase(m, PhaseConfig(), 1e-3, 2)
+    assert tf.keras.mixed_precision.global_policy().name == "float32", "the scope restores the policy"
+    base = model_lib.get_base(m)
+    assert {m.get_layer("preprocess").compute_dtype, base.compute_dtype, base.layers[5].compute_dtype} == {compute}
+    head = m.get_layer("classifier")
+    assert (head.compute_dtype, head.variable_dtype) == ("float32", "float32")
+    assert {v.dtype for v in m.weights} == {tf.float32}
+    out = m(tf.zeros([2, 32, 32, 3]), training=False)
+    assert out.dtype == tf.float32
+    # tf-keras's compile adds loss scaling for float16 only (bfloat16 has float32's exponent range).
+    assert isinstance(m.optimizer, tf.keras.mixed_precision.LossScaleOptimizer) is scaled
+
+
+def test_set_precision_sets_the_global_policy_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    with model_lib.precision_scope("float32"), caplog.at_level(logging.INFO, logger="tljob.model"):
+        model_lib.set_precision("mixed_float16")
+        assert tf.keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert "precision: mixed_float16 (layers compute in float16, variables and the classifier head in float32; " \
+           "loss scaling)" in caplog.text
+
+
+def test_float32_model_is_unchanged_by_the_float32_head() -> None:
+    m = small()
+    assert {layer.dtype_policy.name for layer in m.layers} == {"float32"}
+
+
+def test_jit_compile_is_requested_only_when_asked() -> None:
+    m = small()
+    model_lib.compile_for_phase(m, PhaseConfig(), 1e-3, 2)
+    assert m.jit_compile is False
+    model_lib.compile_for_phase(m, PhaseConfig(), 1e-3, 2, jit_compile=True)
+    assert m.jit_compile is True
+
+
+def augmented(placement: str | None) -> tf.keras.Model:
+    augment = None if placement is None else AugmentConfig(placement=placement)
+    return model_lib.build_model(ModelConfig(weights="none", alpha=0.35), image_size=32, num_classes=2,
+                                 cache_dir="/tmp", augment=augment)
+
+
+def test_augmentation_layer_only_with_placement_model() -> None:
+    assert [layer.name for layer in augmented("model").layers][:3] == ["image", "augment", "preprocess"]
+    for placement in ("pipeline", None):
+        assert "augment" not in [layer.name for layer in augmented(placement).layers]
+
+
+def test_augmentation_layer_is_active_in_training_only_and_has_no_weights() -> None:
+    with_layer, without = augmented("model"), augmented(None)
+    assert with_layer.get_layer("augment").weights == []
+    # The same weights list: the serving copy (built without the layer) takes the training model's weights.
+    without.set_weights(with_layer.get_weights())
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype(np.float32))
+    np.testing.assert_array_equal(with_layer(x, training=False).numpy(), without(x, training=False).numpy())
+    np.testing.assert_array_equal(with_layer.predict(x, verbose=0), without.predict(x, verbose=0))
+    layer = with_layer.get_layer("augment")
+    np.testing.assert_array_equal(layer(x).numpy(), x.numpy())
+    assert not np.allclose(layer(x, training=True).numpy(), x.numpy())
+    assert layer.get_config()["flip"] == "horizontal" and layer.get_config()["rotation"] == 0.2
+    # Called as fit calls it (training=True), the model augments: without dropout, nothing else differs.
+    no_dropout = model_lib.build_model(ModelConfig(weights="none", alpha=0.35, dropout=0.0), image_size=32,
+                                       num_classes=2, cache_dir="/tmp", augment=AugmentConfig(placement="model"))
+    model_lib.calibrate_batchnorm(no_dropout, x.numpy())  # random weights: else every output is 0.5
+    inference = no_dropout(x, training=False).numpy()
+    assert inference.std() > 1e-3
+    assert not np.allclose(no_dropout(x, training=True).numpy(), inference)
+
+
+def test_a_backup_restores_across_augmentation_placements(tmp_path: Path) -> None:
+    """augment.placement is safe on resume (config.SAFE_ON_RESUME_KEYS): weights and optimizer state restore."""
+    x = np.random.default_rng(1).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    y = np.array([0, 1] * 4)
+    models = {}
+    for placement in ("pipeline", "model"):
+        models[placement] = augmented(placement)
+        model_lib.compile_for_phase(models[placement], PhaseConfig(), 1e-2, 2)
+        models[placement].fit(x, y, epochs=1, batch_size=4, verbose=0)
+    saved = tf.train.Checkpoint(model=models["pipeline"]).save(str(tmp_path / "backup"))
+    tf.train.Checkpoint(model=models["model"]).restore(saved).assert_existing_objects_matched()
+    for a, b in zip(models["pipeline"].get_weights(), models["model"].get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(models["pipeline"].optimizer.variables, models["model"].optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

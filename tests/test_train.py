@@ -266,6 +266,32 @@ def test_multiclass_run_reports_every_class(tmp_path: Path) -> None:
     assert sum(t["probability"] for t in row["top_k"]) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_mixed_bfloat16_with_augmentation_in_the_model_trains_and_exports_float32(tmp_path: Path) -> None:
+    """The GPU settings through the real Trainer, on CPU (which runs bfloat16): calibration, cached validation,
+    both phases, test evaluation, the export and its TFLite check; the exported model is plain float32."""
+    import tensorflow as tf
+
+    out = tmp_path / "run"
+    proc = tljob("train", "--config", DRY_RUN, "--output", str(out), "--set", "runtime.precision=mixed_bfloat16",
+                 "--set", "augment.placement=model", "--set", "train.feature_extraction.epochs=1",
+                 "--set", "train.fine_tuning.epochs=1", "--set", "export.tflite=true")
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    assert "precision: mixed_bfloat16 (layers compute in bfloat16, variables and the classifier head in float32)" \
+        in proc.stderr
+    assert "augmentation in the model" in proc.stderr
+    assert proc.stderr.count("cached validation: boundary features of 48 images") == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["phases"]) == {"feature_extraction", "fine_tuning"} and "test_accuracy" in metrics["test"]
+    saved = tf.saved_model.load(str(out / "model" / "saved_model"))
+    probabilities = saved.serve(tf.zeros([2, 64, 64, 3], tf.float32))
+    assert probabilities.dtype == tf.float32 and probabilities.shape == (2, 1)
+    keras_model = tf.keras.models.load_model(str(out / "model" / "model.keras"))
+    assert "augment" not in [layer.name for layer in keras_model.layers]
+    assert {layer.dtype_policy.name for layer in keras_model.layers} == {"float32"}
+    lite = json.loads((out / "model" / "metadata.json").read_text())["tflite"]
+    assert lite["file"] == "model.tflite" and lite["max_abs_diff"] < 1e-4
+
+
 def _wait_for(pred, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

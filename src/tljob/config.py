@@ -40,6 +40,8 @@ LR_RULES = ("none", "linear", "sqrt")
 SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("auto", "multi_worker", "mirrored", "default")
 COMMUNICATIONS = ("auto", "ring", "nccl")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PLACEMENTS = ("pipeline", "model")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class AugmentConfig:
     flip: str = "horizontal"
     # Fraction of a full turn, as in RandomRotation(0.2).
     rotation: float = 0.2
+    # pipeline: in the input pipeline on the CPU, beside the training step; model: a layer of the training model,
+    # on the accelerator, for when the CPU cannot keep up (bench/README.md, "GPU pods"). Never in the export.
+    placement: str = "pipeline"
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,11 @@ class RuntimeConfig:
     staging_dir: str | None = None
     # Upload TensorBoard logs every this many seconds at most (gs:// outputs).
     log_sync_s: float = 60.0
+    # Keras dtype policy of the training model: mixed_* compute in 16 bits (the classifier head and the variables stay
+    # float32; mixed_float16 adds loss scaling). On a GPU with tensor cores; slower on CPUs (bench/README.md).
+    precision: str = "float32"
+    # Compile the training step with XLA. Off by default: 16x slower steps on CPU (bench/README.md).
+    jit_compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -371,6 +381,7 @@ def validate(cfg: JobConfig) -> None:
         _check(bool(d.name), "data.name", d.name, "name a TFDS dataset, e.g. cats_vs_dogs.")
         _check(bool(d.train), "data.train", d.train, "give a TFDS split, e.g. 'train[:80%]'.")
     _choice("augment.flip", cfg.augment.flip, FLIPS)
+    _choice("augment.placement", cfg.augment.placement, PLACEMENTS)
     _check(0.0 <= cfg.augment.rotation <= 1.0, "augment.rotation", cfg.augment.rotation,
            "use a fraction of a full turn between 0 and 1, e.g. 0.2.")
     if m.weights not in ("imagenet", "none"):
@@ -417,6 +428,14 @@ def validate(cfg: JobConfig) -> None:
            "use the batch size the learning rates were tuned for, e.g. 32.")
     _choice("runtime.strategy", r.strategy, STRATEGIES)
     _choice("runtime.communication", r.communication, COMMUNICATIONS)
+    _choice("runtime.precision", r.precision, PRECISIONS)
+    # Checked here, not at the first step: XLA refuses the whole step, after the data and the model are ready.
+    _check(not (r.jit_compile and cfg.augment.placement == "model" and cfg.augment.rotation > 0), "runtime.jit_compile",
+           r.jit_compile,
+           f"with augment.placement: model and augment.rotation: {cfg.augment.rotation:g} the rotation runs inside the "
+           f"compiled training step, and its op (ImageProjectiveTransformV3) has no XLA kernel in TensorFlow 2.21: the "
+           f"step would not compile. Set runtime.jit_compile: false, or augment.placement: pipeline (the rotation then "
+           f"runs in the input pipeline, outside the step), or augment.rotation: 0.")
     _check(r.collective_timeout_s is None or r.collective_timeout_s > 0, "runtime.collective_timeout_s",
            r.collective_timeout_s, "use a positive number of seconds, or null.")
     _check(r.peer_timeout_s > 0, "runtime.peer_timeout_s", r.peer_timeout_s, "use a positive number of seconds.")
@@ -462,10 +481,22 @@ SAFE_ON_RESUME_KEYS = (
     "data.cache", "data.cache_budget_mb", "data.cache_dir",  # where decoded images wait, not which ones
     "train.cached_validation",  # the same validation metrics, computed faster
     "train.steps_per_execution",  # the same steps, fewer Python round trips
+    # The same transform on the same images, run elsewhere: the augmentation layer has no variables, and a backup
+    # restores into the model with or without it (tested).
+    "augment.placement",
+)
+# Keys of a safe section that change what is trained after all.
+UNSAFE_ON_RESUME_KEYS = (
+    # The numerics of every step (and mixed_float16's loss scale, which a float32 backup lacks): weights continued
+    # in another precision would make a run that is neither. runtime.jit_compile is safe: the same steps,
+    # compiled, rounded differently at most, as thread timing does.
+    "runtime.precision",
 )
 
 
 def safe_on_resume(key: str) -> bool:
+    if key in UNSAFE_ON_RESUME_KEYS:
+        return False
     return key in SAFE_ON_RESUME_KEYS or key.split(".", 1)[0] in SAFE_ON_RESUME_SECTIONS
 
 
@@ -502,8 +533,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def digest(cfg: JobConfig) -> str:
-    """A stable hash of everything that changes what is trained (the output location excluded)."""
-    data = to_dict(cfg)
-    data.pop("output", None)
-    data.pop("runtime", None)
+    """A stable hash of everything that changes what is trained: the keys not safe on resume."""
+    data = {key: value for key, value in _flatten(to_dict(cfg)).items() if not safe_on_resume(key)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

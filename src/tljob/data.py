@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tljob import storage
+from tljob import cpus, storage
 from tljob.config import AugmentConfig, DataConfig
 from tljob.errors import ConfigError, DataError, RetryableError
 
@@ -127,15 +127,21 @@ def _scan_pipeline(encoded_ds: tf.data.Dataset, image_size: int, chunk: int = _S
     """
     # Plain TensorFlow calls: AutoGraph's source transform would only add ~0.1 s per traced function.
     decode = tf.autograph.experimental.do_not_convert(lambda i, data: (i, decode_and_resize(data, image_size)))
-    ds = encoded_ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = encoded_ds.map(decode, num_parallel_calls=parallel_calls(), deterministic=True)
     ds = ds.ignore_errors().batch(chunk).prefetch(2)
     return ds.with_options(_no_autotuner())
 
 
-def _no_autotuner() -> tf.data.Options:
-    """Options for every tljob pipeline: fixed parallelism instead of tf.data's autotuner.
+def parallel_calls() -> int:
+    """Parallel calls of every stage of every pipeline: one per CPU this process may use (tljob.cpus), so in a
+    pod with a CPU limit the quota's count, not the node's cores (which AUTOTUNE would count)."""
+    return cpus.budget().usable
 
-    AUTOTUNE then means one parallel call per schedulable core; prefetch buffers still grow on demand.
+
+def _no_autotuner() -> tf.data.Options:
+    """Options for every tljob pipeline: fixed parallelism (parallel_calls) instead of tf.data's autotuner.
+
+    Prefetch buffers (AUTOTUNE) still grow on demand.
     The autotuner's model thread re-optimises at a period that doubles up to 60 s, and deleting an iterator
     waits for the period to run out, so `fit` stood still at the phase boundary and after the last epoch;
     it also left a core partly idle in the decode pass. Figures: bench/README.md, "What each change bought".
@@ -170,7 +176,7 @@ def _scan(
 def _read_encoded(paths: list[str]) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
     read = tf.autograph.experimental.do_not_convert(lambda i, p: (i, tf.io.read_file(p)))
-    return ds.map(read, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.map(read, num_parallel_calls=parallel_calls(), deterministic=True)
 
 
 # ----------------------------------------------------------------------------- folder source
@@ -237,7 +243,7 @@ def _folder_splits(parts: dict[str, list[tuple[str, int]]], cfg: DataConfig, cac
             good_paths = [paths[i] for i in good_idx[lo:hi]]
             stream = tf.data.Dataset.from_tensor_slices((good_paths, labels[good_idx[lo:hi]])).map(
                 lambda p, y: (decode_and_resize(tf.io.read_file(p), cfg.image_size), y),
-                num_parallel_calls=AUTOTUNE)
+                num_parallel_calls=parallel_calls())
             splits[name] = Split(name, len(good_paths), stream=stream, num_files=len(good_paths), paths=good_paths)
         start = end
     return splits
@@ -337,8 +343,8 @@ def _read_tfrecord_meta(key: str, meta_path: str) -> dict:
 def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool,
                     num_examples: int) -> tuple[Split, list[str]]:
     """The split, and the records that do not decode (found by the decode pass when the split is cached)."""
-    records = tf.data.TFRecordDataset(files, num_parallel_reads=AUTOTUNE).map(
-        lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=AUTOTUNE
+    records = tf.data.TFRecordDataset(files, num_parallel_reads=parallel_calls()).map(
+        lambda r: tf.io.parse_single_example(r, _FEATURES), num_parallel_calls=parallel_calls()
     )
     if cache:
         rows = list(records.map(lambda r: (r["image/class/label"], r["image/filename"])).as_numpy_iterator())
@@ -352,9 +358,9 @@ def _tfrecord_split(name: str, files: list[str], cfg: DataConfig, cache: bool,
     # Streamed: files are read per worker (FILE sharding when there are enough of them); the converter
     # already left out undecodable images, so decode errors here would be corruption and must surface.
     stream = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, num_parallel_calls=AUTOTUNE, deterministic=True
+        tf.data.TFRecordDataset, num_parallel_calls=parallel_calls(), deterministic=True
     ).map(
-        lambda r: _parse_decode(r, cfg.image_size), num_parallel_calls=AUTOTUNE
+        lambda r: _parse_decode(r, cfg.image_size), num_parallel_calls=parallel_calls()
     )
     return Split(name, num_examples, stream=stream, num_files=len(files)), []
 
@@ -507,7 +513,7 @@ def _load_tfds(cfg: DataConfig, seed: int, cache_dir: str) -> Dataset:
     cache = _want_cache(cfg, sum(sizes.values()))
     splits = {}
     for key, ds in raw.items():
-        ds = ds.map(lambda x, y: (resize_image(x, cfg.image_size), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (resize_image(x, cfg.image_size), y), num_parallel_calls=parallel_calls())
         if cache:
             images = np.empty((sizes[key], cfg.image_size, cfg.image_size, 3), np.uint8)
             labels = np.empty((sizes[key],), np.int64)
@@ -624,9 +630,10 @@ def _rotation_matrices(angles: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -
 def augment_batch(images: tf.Tensor, aug: AugmentConfig) -> tf.Tensor:
     """RandomFlip + RandomRotation(factor) on a float batch, as the tutorial's Keras layers compute them.
 
-    Done in the input pipeline rather than in the model: it then runs in parallel with the training step
-    (in-model rotation costs about as much as the frozen network on CPU) and the exported model carries
-    no training-only layers. Stateless per-op randomness means no variables to place under a strategy.
+    Done in the input pipeline by default: it then runs in parallel with the training step (in-model rotation
+    costs about as much as the frozen network on CPU) and the exported model carries no training-only layers.
+    With augment.placement: model the training model calls it (model.Augmentation), on the accelerator.
+    Stateless per-op randomness means no variables to place under a strategy.
     """
     batch = tf.shape(images)[0]
     flip_h = flip_v = None
@@ -701,7 +708,7 @@ def _batches_in_order(split: Split, batch: int, drop_remainder: bool) -> tf.data
     """(uint8 images, labels) batches of the split in its stored order."""
     if split.images is not None:
         indices = tf.data.Dataset.range(split.num_examples).batch(batch, drop_remainder=drop_remainder)
-        return indices.map(_rows((split.images, split.labels)), num_parallel_calls=AUTOTUNE)
+        return indices.map(_rows((split.images, split.labels)), num_parallel_calls=parallel_calls())
     assert split.stream is not None  # a Split is built with exactly one of the two; not user input
     return split.stream.batch(batch, drop_remainder=drop_remainder)
 
@@ -771,7 +778,9 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
     """Shuffled (reshuffled every epoch), batched, augmented batches of `split`, or of its share (n, i):
     every n-th image from the i-th on (in-memory splits only)."""
     def augmented(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return augment_batch(tf.cast(x, tf.float32), aug), y
+        x = tf.cast(x, tf.float32)
+        # augment.placement model: the training model augments (model.Augmentation); here only batch and cast.
+        return (augment_batch(x, aug) if aug.placement == "pipeline" else x), y
 
     if split.images is not None:
         # In memory, a whole permutation of the indices each epoch costs 8 bytes an image; a bounded
@@ -791,7 +800,7 @@ def _shuffled_batches(split: Split, *, batch: int, aug: AugmentConfig, shuffle_b
         load = augmented
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch, drop_remainder=drop_remainder).map(load, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=drop_remainder).map(load, num_parallel_calls=parallel_calls())
     return ds.prefetch(AUTOTUNE)
 
 
@@ -816,7 +825,7 @@ def feature_train_input(strategy: tf.distribute.Strategy, features: list[np.ndar
 
     def batches(batch: int) -> tf.data.Dataset:
         ds = _permuted_indices(len(labels), seed).repeat().batch(batch, drop_remainder=True)
-        ds = ds.map(load, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+        ds = ds.map(load, num_parallel_calls=parallel_calls()).prefetch(AUTOTUNE)
         return _with_options(ds, tf.data.experimental.AutoShardPolicy.OFF)
 
     if num_workers <= 1:
@@ -830,7 +839,7 @@ def feature_eval_pipeline(features: list[np.ndarray], labels: np.ndarray, *, glo
     """Validation batches of cached features, for fit's validation_data in a cache_features phase; sharded by
     DATA between the workers, like eval_pipeline's."""
     ds = tf.data.Dataset.range(len(labels)).batch(global_batch, drop_remainder=num_workers > 1)
-    ds = ds.map(_feature_rows(features, labels), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(_feature_rows(features, labels), num_parallel_calls=parallel_calls())
     policy = tf.data.experimental.AutoShardPolicy
     return _with_options(ds.prefetch(AUTOTUNE), policy.DATA if num_workers > 1 else policy.OFF)
 
@@ -862,14 +871,14 @@ def ordered_batches(split: Split, batch_size: int) -> tf.data.Dataset:
     """(float32 images, labels) batches of the whole split in its stored order, on this worker alone: the
     evaluation report pairs each prediction with the example's name (Split.paths) by position."""
     ds = _batches_in_order(split, batch_size, drop_remainder=False)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=parallel_calls())
     # Unlike the training pipelines (_with_options), order kept: parallel maps stay deterministic.
     return ds.prefetch(AUTOTUNE).with_options(_no_autotuner())
 
 
 def eval_pipeline(split: Split, *, global_batch: int, num_workers: int) -> tf.data.Dataset:
     ds = _batches_in_order(split, global_batch, drop_remainder=num_workers > 1)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=parallel_calls())
     return _with_options(ds.prefetch(AUTOTUNE), shard_policy(split, num_workers))
 
 

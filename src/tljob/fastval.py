@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from tljob.faults import Watchdog
-from tljob.model import head_units
+from tljob.model import Augmentation, head_units
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,10 @@ def changes_in_inference(step: Step) -> bool:
 
 
 def changes_in_training(step: Step) -> bool:
-    """The same for a training step: random layers (Dropout) change too, unless the model fixes them to
-    inference mode (everything inside the base)."""
-    return changes_in_inference(step) or (step.training is not False and isinstance(step.layer, _RANDOM_LAYER))
+    """The same for a training step: random layers (Dropout, the in-model augmentation while it is on) change
+    too, unless the model fixes them to inference mode (everything inside the base)."""
+    random = isinstance(step.layer, _RANDOM_LAYER) or (isinstance(step.layer, Augmentation) and step.layer.active)
+    return changes_in_inference(step) or (step.training is not False and random)
 
 
 # ----------------------------------------------------------------------------- reading the Keras graph

@@ -1,4 +1,5 @@
-"""MobileNetV2 base + the tutorial's head, weights loading, and the fine-tuning unfreeze.
+"""MobileNetV2 base + the tutorial's head, weights loading, the fine-tuning unfreeze, and the dtype policy
+(runtime.precision) and in-model augmentation (augment.placement: model) it is built with.
 
 Every function that creates variables is called inside ``strategy.scope()`` by the trainer, in both
 phases (the model, and each phase's optimizer through ``compile``).
@@ -6,16 +7,17 @@ phases (the model, and each phase's optimizer through ``compile``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from tljob import policy, storage
-from tljob.config import ModelConfig, PhaseConfig
+from tljob import data, policy, storage
+from tljob.config import AugmentConfig, ModelConfig, PhaseConfig
 from tljob.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,61 @@ def resolve_weights(weights: str, cache_dir: str, *, alpha: float, image_size: i
     return storage.stage_input(weights, cache_dir)
 
 
-def build_model(cfg: ModelConfig, *, image_size: int, num_classes: int, cache_dir: str) -> tf.keras.Model:
-    """Input (float 0..255) -> preprocess -> MobileNetV2 (training=False) -> GAP -> Dropout -> Dense."""
+def set_precision(precision: str) -> None:
+    """Sets the Keras dtype policy (runtime.precision) for the models built after it; on every worker."""
+    tf.keras.mixed_precision.set_global_policy(precision)
+    policy = tf.keras.mixed_precision.global_policy()
+    log.info("precision: %s (layers compute in %s, variables and the classifier head in float32%s)", policy.name,
+             policy.compute_dtype, "; loss scaling" if policy.name == "mixed_float16" else "")
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str) -> Iterator[None]:
+    """The dtype policy `precision` for the models built inside, the previous one after."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+
+
+class Augmentation(tf.keras.layers.Layer):
+    """data.augment_batch as the training model's first layer (augment.placement: model): it then runs inside
+    the training step, on the accelerator. In inference (evaluate, validation, predict) it passes the images
+    through. It has no variables, so the model's weights are those of a model without it."""
+
+    def __init__(self, flip: str, rotation: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.augment = AugmentConfig(flip=flip, rotation=rotation, placement="model")
+        # False in a phase with train.<phase>.augment: false (set_augmentation, before the phase's compile, which
+        # makes fit trace its step again).
+        self.active = True
+
+    def call(self, images: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        return data.augment_batch(images, self.augment) if training and self.active else images
+
+    def get_config(self) -> dict[str, Any]:
+        # Read by cached validation (tljob.fastval) to split the model's graph.
+        return {**super().get_config(), "flip": self.augment.flip, "rotation": self.augment.rotation}
+
+
+def set_augmentation(model: tf.keras.Model, active: bool) -> None:
+    """Turns the in-model augmentation (augment.placement: model) on or off for the steps of the next compile."""
+    for layer in model.layers:
+        if isinstance(layer, Augmentation):
+            layer.active = active
+
+
+def build_model(cfg: ModelConfig, *, image_size: int, num_classes: int, cache_dir: str,
+                augment: AugmentConfig | None = None) -> tf.keras.Model:
+    """Input (float 0..255) -> [augment] -> preprocess -> MobileNetV2 (training=False) -> GAP -> Dropout -> Dense.
+
+    Built in the current dtype policy (set_precision), with the classifier head in float32: a softmax or
+    sigmoid computed in 16 bits is numerically unstable (TensorFlow's mixed-precision guide). `augment`: the
+    training model's augmentation settings; with placement model it becomes the Augmentation layer. None (the
+    serving copy): no augmentation.
+    """
     weights = resolve_weights(cfg.weights, cache_dir, alpha=cfg.alpha, image_size=image_size)
     try:
         with tf.variable_creator_scope(_first_replica_statistics):
@@ -61,16 +116,21 @@ def build_model(cfg: ModelConfig, *, image_size: int, num_classes: int, cache_di
         ) from exc
     base.trainable = False
     inputs = tf.keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = inputs
+    if augment is not None and augment.placement == "model":
+        # float32: the pixels as the input pipeline augments them, whatever the policy.
+        x = Augmentation(augment.flip, augment.rotation, name="augment", dtype="float32")(x)
     # mobilenet_v2.preprocess_input is x / 127.5 - 1; a Rescaling layer computes the same and serialises
     # cleanly, so the exported model takes raw 0..255 pixels.
-    x = tf.keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    x = tf.keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
     # training=False keeps BatchNorm in inference mode in both phases: its statistics stay ImageNet's even
     # when the layers are unfrozen (otherwise fine-tuning wrecks what the base learned).
     x = base(x, training=False)
     x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = tf.keras.layers.Dropout(cfg.dropout, name="dropout")(x)
     units = head_units(num_classes)
-    outputs = tf.keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax", name="classifier")(x)
+    outputs = tf.keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax", name="classifier",
+                                    dtype="float32")(x)
     return tf.keras.Model(inputs, outputs, name="tljob_mobilenetv2")
 
 
@@ -191,8 +251,10 @@ def loss_and_metrics(num_classes: int) -> tuple[tf.keras.losses.Loss, list]:
 
 def compile_for_phase(model: tf.keras.Model, phase: PhaseConfig,
                       learning_rate: float | tf.keras.optimizers.schedules.LearningRateSchedule, num_classes: int,
-                      steps_per_execution: int = 1) -> None:
-    """Compiles (again) for a phase; Keras only sees a change of `trainable` after a recompile."""
+                      steps_per_execution: int = 1, jit_compile: bool = False) -> None:
+    """Compiles (again) for a phase; Keras only sees a change of `trainable` after a recompile. Under the
+    mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer. `jit_compile`: XLA for the
+    training, evaluation and prediction steps (runtime.jit_compile)."""
     loss, metrics = loss_and_metrics(num_classes)
     model.compile(optimizer=make_optimizer(phase, learning_rate), loss=loss, metrics=metrics,
-                  steps_per_execution=steps_per_execution)
+                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)

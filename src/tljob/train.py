@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tljob import callbacks, cluster, console, data, export, fastval, faults, policy, report, rundir, storage
+from tljob import callbacks, cluster, console, cpus, data, export, fastval, faults, policy, report, rundir, storage
 from tljob import model as model_lib
 from tljob.config import AugmentConfig, JobConfig, PhaseConfig, digest, to_dict
 from tljob.errors import EXIT_OK, RetryableError
@@ -97,6 +97,8 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         return EXIT_OK
     rundir.check_resumed(cfg, cfg.output)
     cluster.apply_cluster_env(spec, os.environ)
+    # Before the strategy: TensorFlow's thread pools are fixed once its runtime starts.
+    tf_threads = cpus.limit_tensorflow_threads()
     # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
     strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
                                        cfg.runtime.collective_timeout_s)
@@ -114,6 +116,12 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
              spec.task_type, spec.task_index, spec.num_workers, replicas, ctx.is_chief, ctx.global_batch,
              ctx.staging)
+    calls = data.parallel_calls()
+    log.info("input pipeline: %d parallel call%s per stage (%s)%s; augmentation in the %s", calls,
+             "" if calls == 1 else "s", cpus.budget().describe(),
+             f"; TensorFlow's thread pools sized {tf_threads}" if tf_threads else "", cfg.augment.placement)
+    # Before any model is built, on every worker.
+    model_lib.set_precision(cfg.runtime.precision)
     try:
         return Trainer(ctx, strategy).run()
     except tf.errors.OpError as exc:
@@ -242,7 +250,7 @@ class Trainer:
             # Creating a variable under MultiWorkerMirroredStrategy broadcasts its value: collectives.
             with self.watchdog.working("model build", collectives=True):
                 model = model_lib.build_model(self.cfg.model, image_size=self.cfg.data.image_size,
-                                              num_classes=ds.num_classes, cache_dir=cache_dir)
+                                              num_classes=ds.num_classes, cache_dir=cache_dir, augment=self.cfg.augment)
             if self.cfg.model.weights == "none" and "fine_tuning" not in done:
                 with self.watchdog.working("BatchNorm calibration", collectives=True):
                     model_lib.calibrate_batchnorm(model, self._calibration_sample(ds.train))
@@ -295,6 +303,7 @@ class Trainer:
             log.info("phase %s: 0 epochs configured, skipped", phase)
             return
         cached_validation = None
+        model_lib.set_augmentation(model, phase_cfg.augment)  # augment.placement: model
         if phase_cfg.cache_features:
             fit_model, train_ds, val_ds = self._feature_inputs(model, phase, ds)
         else:
@@ -338,7 +347,8 @@ class Trainer:
                                   self.cfg.train.reference_batch_size)
         with self.strategy.scope():
             model_lib.compile_for_phase(model, phase_cfg, model_lib.learning_rate_schedule(phase_cfg, lr, steps),
-                                        num_classes, steps_per_execution=self.cfg.train.steps_per_execution)
+                                        num_classes, steps_per_execution=self.cfg.train.steps_per_execution,
+                                        jit_compile=self.cfg.runtime.jit_compile)
         return lr
 
     def _feature_inputs(self, model: tf.keras.Model, phase: str, ds: data.Dataset,
@@ -427,14 +437,19 @@ class Trainer:
 
         Saving the distributed model would make every worker trace and write a full export (a save under
         MultiWorkerMirroredStrategy must run on every worker); a plain copy with the same weights is saved
-        by the chief only, and loads anywhere without a strategy. It holds no training state.
+        by the chief only, and loads anywhere without a strategy. It holds no training state. It is built in
+        float32 whatever runtime.precision (the variables are float32 in every policy, so the weights carry
+        over as they are) and without the augmentation layer (which has no weights): the export takes float32
+        pixels and gives float32 probabilities, and serving never augments.
         """
         cfg = self.cfg
-        copy = model_lib.build_model(dataclasses.replace(cfg.model, weights="none"), image_size=cfg.data.image_size,
-                                     num_classes=num_classes, cache_dir="")
-        model_lib.unfreeze_from(copy, cfg.train.fine_tuning.fine_tune_at)
-        copy.set_weights(weights)
-        model_lib.compile_for_phase(copy, cfg.train.fine_tuning, cfg.train.fine_tuning.learning_rate, num_classes)
+        with model_lib.precision_scope("float32"):
+            copy = model_lib.build_model(dataclasses.replace(cfg.model, weights="none"),
+                                         image_size=cfg.data.image_size, num_classes=num_classes, cache_dir="")
+            model_lib.unfreeze_from(copy, cfg.train.fine_tuning.fine_tune_at)
+            copy.set_weights(weights)
+            model_lib.compile_for_phase(copy, cfg.train.fine_tuning, cfg.train.fine_tuning.learning_rate,
+                                        num_classes)
         return copy
 
     def _evaluation_report(self, serving: tf.keras.Model, ds: data.Dataset) -> dict | None:
