@@ -435,6 +435,16 @@ def test_mirror_push_pull(tmp_path: Path, remote_kind: str, request: pytest.Fixt
     assert storage.read_text(storage.join(remote, "history.json")) == '[{"epoch": 1}]'
 
 
+def test_a_local_copy_leaves_out_what_an_upload_leaves_out(tmp_path: Path) -> None:
+    """skip= holds for a local destination too: publish's marker, left in the staging folder by an earlier
+    publish in place, must not reach the output before the other files."""
+    src = make_tree(tmp_path / "src", {**FILES, "_SUCCESS": b"{}"})
+    dst = tmp_path / "dst"
+    assert storage.upload_tree(str(src), str(dst), skip=frozenset({"_SUCCESS"})) == len(FILES)
+    assert storage.list_files(str(dst)) == {rel: len(data) for rel, data in FILES.items()}
+    assert storage.download_tree(str(src), str(dst)) == 1  # a local "download" is a copy: only _SUCCESS is new
+
+
 def test_mirror_onto_itself_is_a_no_op(tmp_path: Path) -> None:
     make_tree(tmp_path / "out")
     mirror = storage.Mirror(str(tmp_path / "out"), f"file://{tmp_path}/out/")

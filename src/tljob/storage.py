@@ -27,7 +27,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -53,6 +53,7 @@ LARGE_FILE_BYTES = 32 * 2**20
 CHUNK_BYTES = 32 * 2**20
 # Transfers are network-bound, so threads beat processes (no pickling of clients or blobs).
 MAX_WORKERS = 8
+_THREADS = {"worker_type": transfer_manager.THREAD, "max_workers": MAX_WORKERS}
 # Local partial files (atomic writes, downloads in flight) carry this prefix and are never listed,
 # so a crash mid-write cannot leave a half file that a listing or a publish marker would count.
 _TMP_PREFIX = ".tljob-tmp-"
@@ -346,29 +347,11 @@ def _local_matches(path: str, size: int, crc32c: str | Callable[[], str] | None)
     return _file_crc32c(path) == expected
 
 
-def _copy_tree(src: str, dst: str) -> int:
-    """Local-to-local sync, so Mirror and publish behave the same without GCS."""
-    listing = _local_listing(src)
-    todo = [
-        rel
-        for rel, size in listing.items()
-        if not _local_matches(
-            _inside(dst, rel), size, functools.partial(_file_crc32c, _inside(src, rel))
-        )
-    ]
-    for rel in todo:
-        source = _inside(src, rel)
-        _atomic_local(_inside(dst, rel), functools.partial(shutil.copyfile, source))
-    _LOG.info(
-        "copy %s -> %s: %d of %d files (%d bytes), %d unchanged",
-        src,
-        dst,
-        len(todo),
-        len(listing),
-        sum(listing[r] for r in todo),
-        len(listing) - len(todo),
-    )
-    return len(todo)
+def _log_transfer(verb: str, src: str, dst: str, sizes: dict[str, int], sent: Collection[str]) -> int:
+    """Logs a tree transfer of the files `sent` out of `sizes` (relative path -> bytes); returns how many."""
+    _LOG.info("%s %s -> %s: %d of %d files (%d bytes), %d unchanged", verb, src, dst, len(sent), len(sizes),
+              sum(sizes[rel] for rel in sent), len(sizes) - len(sent))
+    return len(sent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,75 +501,53 @@ def remove_tree(path: str) -> None:
     _LOG.info("removed %s: %d objects", path, len(uris))
 
 
-def _chunked_upload_supported() -> bool:
-    # gcp-storage-emulator answers the XML multipart-upload API with 501 (checked on 2026.7.19),
-    # so against an emulator large files take the resumable upload, which it implements.
-    return not os.environ.get(_EMULATOR_ENV)
+def upload_tree(local_dir: str, uri: str, *, last: frozenset[str] = frozenset(),
+                skip: frozenset[str] = frozenset()) -> int:
+    """Copy local_dir's files, but those named in `skip`, to `uri` (gs:// or local), skipping those whose size
+    and CRC32C already match there; returns how many were sent (none from a missing local_dir).
 
-
-def _upload(local_dir: str, uri: str, skip: frozenset[str] = frozenset(),
-            last: frozenset[str] = frozenset()) -> int:
+    Files whose base name is in `last` (an index that points at the others) go only once the rest is there, so
+    a process killed mid-upload leaves the previous index, whose files a sync never deletes, not one pointing
+    nowhere.
+    """
     src = local_path(local_dir)
-    if not is_remote(uri):
-        return _copy_tree(src, local_path(uri))
     local = {rel: size for rel, size in _local_listing(src).items() if rel not in skip}
-    remote = _remote_listing(uri, writing=True) if local else {}
-    todo = [
-        rel
-        for rel, size in local.items()
-        if not (
-            rel in remote
-            and remote[rel].size == size
-            and remote[rel].crc32c == _file_crc32c(_inside(src, rel))
-        )
-    ]
-    bucket_name, key = _split_gs(uri)
-    bucket = _client().bucket(bucket_name)
-    chunking = _chunked_upload_supported()
-    # Files named in `last` (an index that points at the others) go only once the rest is up, so a process
-    # killed mid-upload leaves the previous index, whose files a sync never deletes, not one pointing nowhere.
+    if is_remote(uri):
+        remote = _remote_listing(uri, writing=True) if local else {}
+        todo = [rel for rel in local
+                if not (rel in remote and _local_matches(_inside(src, rel), remote[rel].size, remote[rel].crc32c))]
+    else:
+        dst = local_path(uri)
+        todo = [rel for rel, size in local.items()
+                if not _local_matches(_inside(dst, rel), size, functools.partial(_file_crc32c, _inside(src, rel)))]
     for group in ([r for r in todo if posixpath.basename(r) not in last],
                   [r for r in todo if posixpath.basename(r) in last]):
-        chunked = [rel for rel in group if chunking and local[rel] > LARGE_FILE_BYTES]
-        whole = [rel for rel in group if rel not in chunked]
-        results = transfer_manager.upload_many(
-            [(_inside(src, rel), bucket.blob(_dir_prefix(key) + rel)) for rel in whole],
-            upload_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": "crc32c"},
-            worker_type=transfer_manager.THREAD,
-            max_workers=MAX_WORKERS,
-            raise_exception=False,
-        )
-        _raise_first_failure([join(uri, rel) for rel in whole], results, "upload", writing=True)
-        for rel in chunked:
-            with _gcs_errors(join(uri, rel), "upload", writing=True):
-                transfer_manager.upload_chunks_concurrently(
-                    _inside(src, rel),
-                    bucket.blob(_dir_prefix(key) + rel),
-                    chunk_size=CHUNK_BYTES,
-                    worker_type=transfer_manager.THREAD,
-                    max_workers=MAX_WORKERS,
-                    retry=_retry(),
-                    timeout=_timeout(),
-                )
-    _LOG.info(
-        "upload %s -> %s: %d of %d files (%d bytes), %d unchanged",
-        src,
-        uri,
-        len(todo),
-        len(local),
-        sum(local[r] for r in todo),
-        len(local) - len(todo),
-    )
-    return len(todo)
+        if is_remote(uri):
+            _upload_files(src, uri, {rel: local[rel] for rel in group})
+        else:
+            for rel in group:
+                _atomic_local(_inside(dst, rel), functools.partial(shutil.copyfile, _inside(src, rel)))
+    return _log_transfer("upload" if is_remote(uri) else "copy", src, uri, local, todo)
 
 
-def upload_tree(local_dir: str, uri: str, last: frozenset[str] = frozenset()) -> int:
-    """Copy local_dir's files to `uri`, skipping those whose size and CRC32C already match there; files
-    whose base name is in `last` are sent after all the others.
-
-    Returns how many files were sent. A missing local_dir sends nothing.
-    """
-    return _upload(local_dir, uri, last=last)
+def _upload_files(src: str, uri: str, sizes: dict[str, int]) -> None:
+    """Uploads the files `sizes` names (relative to `src`) under `uri`: large ones in concurrent chunks."""
+    bucket_name, key = _split_gs(uri)
+    bucket = _client().bucket(bucket_name)
+    # gcp-storage-emulator answers the XML multipart-upload API with 501 (checked on 2026.7.19), so against an
+    # emulator large files take the resumable upload, which it implements.
+    chunked = [rel for rel, size in sizes.items() if size > LARGE_FILE_BYTES and not os.environ.get(_EMULATOR_ENV)]
+    whole = [rel for rel in sizes if rel not in chunked]
+    results = transfer_manager.upload_many(
+        [(_inside(src, rel), bucket.blob(_dir_prefix(key) + rel)) for rel in whole],
+        upload_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": "crc32c"}, raise_exception=False,
+        **_THREADS)
+    _raise_first_failure([join(uri, rel) for rel in whole], results, "upload", writing=True)
+    for rel in chunked:
+        with _gcs_errors(join(uri, rel), "upload", writing=True):
+            transfer_manager.upload_chunks_concurrently(
+                _inside(src, rel), bucket.blob(_dir_prefix(key) + rel), chunk_size=CHUNK_BYTES, retry=_retry(),
+                timeout=_timeout(), **_THREADS)
 
 
 def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> int:
@@ -603,23 +564,14 @@ def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> 
         # CRC32C is checked below against the listing, the same way for whole and chunked files.
         results = transfer_manager.download_many(
             [(todo[rel].blob, temps[rel]) for rel in whole],
-            download_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": None},
-            worker_type=transfer_manager.THREAD,
-            max_workers=MAX_WORKERS,
-            raise_exception=False,
-        )
+            download_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": None}, raise_exception=False,
+            **_THREADS)
         _raise_first_failure([join(uri, rel) for rel in whole], results, "download", writing=False)
         for rel in chunked:
             with _gcs_errors(join(uri, rel), "download", writing=False):
                 transfer_manager.download_chunks_concurrently(
-                    todo[rel].blob,
-                    temps[rel],
-                    chunk_size=CHUNK_BYTES,
-                    download_kwargs={"retry": _retry(), "timeout": _timeout()},
-                    worker_type=transfer_manager.THREAD,
-                    max_workers=MAX_WORKERS,
-                    crc32c_checksum=False,
-                )
+                    todo[rel].blob, temps[rel], chunk_size=CHUNK_BYTES, crc32c_checksum=False,
+                    download_kwargs={"retry": _retry(), "timeout": _timeout()}, **_THREADS)
         for rel, obj in todo.items():
             if not _local_matches(temps[rel], obj.size, obj.crc32c):
                 raise RetryableError(
@@ -631,16 +583,7 @@ def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> 
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    _LOG.info(
-        "download %s -> %s: %d of %d files (%d bytes), %d unchanged",
-        uri,
-        dst,
-        len(todo),
-        len(objects),
-        sum(o.size for o in todo.values()),
-        len(objects) - len(todo),
-    )
-    return len(todo)
+    return _log_transfer("download", uri, dst, {rel: obj.size for rel, obj in objects.items()}, todo)
 
 
 def download_tree(uri: str, local_dir: str) -> int:
@@ -648,10 +591,15 @@ def download_tree(uri: str, local_dir: str) -> int:
 
     Returns how many files were fetched; an absent prefix fetches nothing.
     """
-    dst = local_path(local_dir)
     if not is_remote(uri):
-        return _copy_tree(local_path(uri), dst)
-    return _download_objects(uri, _remote_listing(uri), dst)
+        return upload_tree(uri, local_dir)  # a local copy
+    return _download_objects(uri, _remote_listing(uri), local_path(local_dir))
+
+
+def _staged(cache_dir: str, bucket: str, key: str) -> str:
+    """cache_dir/BUCKET/KEY: where gs://BUCKET/KEY is staged."""
+    root = os.path.join(local_path(cache_dir), bucket)
+    return _inside(root, key) if key else root
 
 
 def stage_input(uri: str, cache_dir: str) -> str:
@@ -663,8 +611,7 @@ def stage_input(uri: str, cache_dir: str) -> str:
     if not is_remote(uri):
         return local_path(uri)
     bucket, key = _split_gs(uri)
-    root = os.path.join(local_path(cache_dir), bucket)
-    target = _inside(root, key) if key else root
+    target = _staged(cache_dir, bucket, key)
     objects = _remote_listing(uri)
     if objects:
         _download_objects(uri, objects, target)
@@ -710,8 +657,7 @@ def stage_matching(pattern: str, cache_dir: str) -> list[str]:
         if len(rel.split("/")) == len(wanted)
         and all(map(_segment_matches, rel.split("/"), wanted))
     }
-    root = os.path.join(local_path(cache_dir), bucket)
-    target = _inside(root, base_key) if base_key else root
+    target = _staged(cache_dir, bucket, base_key)
     if objects:
         _download_objects(base, objects, target)
     return [_inside(target, rel) for rel in objects]
@@ -752,7 +698,7 @@ def publish(local_dir: str, output: str, marker: str) -> dict[str, dict[str, Fil
     _remove_file(marker_path)
     if is_remote(output) or not _same_local_dir(local_dir, output):
         # A marker inside local_dir (from an earlier publish in place) must not go out early.
-        _upload(local_dir, output, skip=frozenset({marker}))
+        upload_tree(local_dir, output, skip=frozenset({marker}))
     listing = {rel: v for rel, v in _listing_with_crc(output).items() if rel != marker}
     document: dict[str, dict[str, FileEntry]] = {
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in listing.items()}
