@@ -731,10 +731,11 @@ class Mirror:
             return 0
         return upload_tree(join(self.local_dir, subdir), join(self.remote, subdir), last=last)
 
-    def push_file(self, name: str) -> None:
-        """Upload one small file (history, status) as a single object write."""
+    def push_files(self, *names: str) -> None:
+        """Upload small files (history, status), each as a single object write."""
         if not self._same:
-            write_bytes(join(self.remote, name), read_bytes(join(self.local_dir, name)))
+            for name in names:
+                write_bytes(join(self.remote, name), read_bytes(join(self.local_dir, name)))
 
     def pull(self, subdir: str = "") -> int:
         """Download remote/subdir into local_dir/subdir; returns files fetched."""

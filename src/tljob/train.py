@@ -134,8 +134,7 @@ class Trainer:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.strategy = strategy
-        self.mirror = storage.Mirror(str(ctx.staging), self.cfg.output)
-        self.files = rundir.RunFiles(ctx.staging)
+        self.files = rundir.RunFiles(ctx.staging, self.cfg.output or "")
         self.history: list[dict] = []
         self.attempt = 1
         self.started_at = rundir.now()
@@ -151,18 +150,10 @@ class Trainer:
     def _path(self, *parts: str) -> Path:
         return self.ctx.staging.joinpath(*parts)
 
-    def _write_dir(self, *parts: str) -> Path:
-        """Where this worker writes what every worker must write (the chief's path, or a temp one)."""
-        return Path(cluster.worker_write_dir(str(self._path(*parts)), self.strategy))
-
-    def _cleanup_worker_dir(self, written: Path, *parts: str) -> None:
-        if written != self._path(*parts):
-            shutil.rmtree(written.parent)  # the worker's own scratch folder
-
     def _push_backup(self) -> None:
         if self.ctx.is_chief:
             # tf.train.CheckpointManager's index last: a kill mid-upload leaves the bucket's previous backup whole.
-            self._upload("backup", lambda: self.mirror.push(self.ctx.layout.backup, last=CHECKPOINT_INDEX))
+            self._upload("backup", lambda: self.files.push(self.ctx.layout.backup, last=CHECKPOINT_INDEX))
 
     def _upload(self, what: str, push: Callable[[], object]) -> None:
         """Chief only: a transfer to the output. A local stage for the watchdog: storage retries end in
@@ -175,7 +166,7 @@ class Trainer:
     def _restore_state(self) -> list[str]:
         """Brings the bucket's copy of an unfinished run to local disk; returns the finished phases."""
         self.ctx.staging.mkdir(parents=True, exist_ok=True)
-        self.mirror.pull()
+        self.files.pull()
         self.history = self.files.history()
         state = self.files.state()
         self.attempt = state.attempts + 1
@@ -193,7 +184,7 @@ class Trainer:
         done.append(phase)
         if self.ctx.is_chief:
             self.files.write_state(rundir.State(self.attempt, tuple(done)))
-            self._upload("the run's state", self.mirror.push)
+            self._upload("the run's state", self.files.push)
 
     def on_epoch_recorded(self, record: dict) -> None:
         metrics = {k: record[k] for k in rundir.METRIC_KEYS if k in record}
@@ -205,8 +196,7 @@ class Trainer:
             return
         self.files.write_history(self.history)
         self._write_status("running", eta)
-        self._upload("history and status", lambda: (self.mirror.push_file(rundir.HISTORY),
-                                                    self.mirror.push_file(rundir.STATUS)))
+        self._upload("history and status", lambda: self.files.push_files(rundir.HISTORY, rundir.STATUS))
 
     def _write_status(self, state: str, eta_s: float) -> None:
         self.files.write_status(rundir.Status.after(
@@ -257,8 +247,7 @@ class Trainer:
             # After the model build: its collectives are reached by every worker only once it has pulled the run,
             # so no upload here changes a file under another worker's download.
             self.files.write_params(self.cfg)
-            self.mirror.push_file(rundir.PARAMS)
-            self.mirror.push_file(rundir.STATE)
+            self.files.push_files(rundir.PARAMS, rundir.STATE)
         for phase in PHASES:
             phase_cfg = getattr(self.cfg.train, phase)
             ckpt = self._path(rundir.CHECKPOINTS, f"{phase}.weights.h5")
@@ -319,7 +308,7 @@ class Trainer:
             stop=faults.StopCheck(self.termination, self.agree, faults.calls_between_checks(
                 self.cfg.train.steps_per_execution, ctx.spec.num_workers)),
             tensorboard_dir=str(self._path(logs, phase)) if ctx.is_chief else None,
-            sync_logs=(lambda: self.mirror.push(logs)) if chief_remote else None, log_sync_s=runtime.log_sync_s)
+            sync_logs=(lambda: self.files.push(logs)) if chief_remote else None, log_sync_s=runtime.log_sync_s)
         model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start, steps_per_epoch=steps,
                   validation_steps=self.cfg.train.validation_steps, callbacks=fit_callbacks, verbose=0)
 
@@ -351,11 +340,12 @@ class Trainer:
 
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
         # Every worker saves (under a multi-worker strategy a save may run collectives that all must join);
-        # non-chiefs to a temp dir.
-        target = self._write_dir(rundir.CHECKPOINTS)
+        # non-chiefs to a scratch folder of their own (cluster.worker_write_dir), removed again.
+        target = Path(cluster.worker_write_dir(str(self._path(rundir.CHECKPOINTS)), self.strategy))
         target.mkdir(parents=True, exist_ok=True)
         model.save_weights(str(target / f"{phase}.weights.h5"))
-        self._cleanup_worker_dir(target, rundir.CHECKPOINTS)
+        if not self.ctx.is_chief:
+            shutil.rmtree(target.parent)
 
     def _finish(self, model: tf.keras.Model, ds: data.Dataset) -> int:
         workers = self.ctx.spec.num_workers
@@ -382,7 +372,7 @@ class Trainer:
         with self.watchdog.working("publish", collectives=False):
             # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
             storage.remove_tree(storage.join(self.cfg.output or "", self.ctx.layout.backup))
-            listing = self.files.publish(self.cfg.output or "")
+            listing = self.files.publish()
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
 
