@@ -88,7 +88,6 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     if cfg.output is None:
         raise ValueError("run() needs cfg.output; cli.py sets it")  # programming error, not user input
     spec = cluster.resolve_cluster(os.environ)
-    log.debug("cluster: %s", spec.describe())  # resolve_cluster logs it
     storage.preflight(cfg.output)
     if rundir.is_finished(cfg.output):
         log.info("run %s is already finished (%s exists): not retraining", cfg.output, rundir.SUCCESS)
@@ -106,7 +105,7 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         # Each replica takes data.batch_size examples per step; the step's gradient averages all of them.
         global_batch=cfg.data.batch_size * replicas,
         staging=staging_dir(cfg.output, cfg.runtime.staging_dir, spec.task_index),
-        is_chief=cluster.is_chief(strategy),
+        is_chief=spec.is_chief,
         layout=layout,
     )
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
@@ -341,7 +340,7 @@ class Trainer:
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
         # Every worker saves (under a multi-worker strategy a save may run collectives that all must join);
         # non-chiefs to a scratch folder of their own (cluster.worker_write_dir), removed again.
-        target = Path(cluster.worker_write_dir(str(self._path(rundir.CHECKPOINTS)), self.strategy))
+        target = Path(cluster.worker_write_dir(str(self._path(rundir.CHECKPOINTS)), self.ctx.spec))
         target.mkdir(parents=True, exist_ok=True)
         model.save_weights(str(target / f"{phase}.weights.h5"))
         if not self.ctx.is_chief:
