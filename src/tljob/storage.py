@@ -270,31 +270,19 @@ def _raise_first_failure(
         raise first
 
 
-def _run_parallel(
-    fn: Callable[[str], None], uris: list[str], action: str, *, writing: bool
-) -> None:
-    with concurrent.futures.ThreadPoolExecutor(MAX_WORKERS) as pool:
-        futures = [pool.submit(fn, uri) for uri in uris]
-    _raise_first_failure(uris, [f.exception() for f in futures], action, writing=writing)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checksums and local files
 
 
-def _crc32c_b64(checksum: google_crc32c.Checksum) -> str:
-    """Base64 of the big-endian CRC32C, the form GCS reports in object metadata."""
-    return base64.b64encode(checksum.digest()).decode("ascii")
-
-
 def _file_crc32c(path: str) -> str:
+    """Base64 of the file's big-endian CRC32C, the form GCS reports in object metadata."""
     # Hashed afresh every time: caching by (inode, size, mtime) is unsafe, because downloads set
     # mtime to the object's time and a freed inode is soon reused by the next file.
     checksum = google_crc32c.Checksum()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CRC_READ_BYTES), b""):
             checksum.update(block)
-    return _crc32c_b64(checksum)
+    return base64.b64encode(checksum.digest()).decode("ascii")
 
 
 def _local_listing(root: str) -> dict[str, int]:
@@ -459,14 +447,6 @@ def write_text(path: str, text: str) -> None:
     _write(path, text.encode("utf-8"), "text/plain; charset=utf-8")
 
 
-def _remove_file(path: str) -> None:
-    if not is_remote(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(local_path(path))
-        return
-    _delete_object(path)
-
-
 def _delete_object(uri: str) -> None:
     # Already gone is fine: an earlier attempt may have deleted it and lost the answer.
     with _gcs_errors(uri, "delete", writing=True), contextlib.suppress(gexc.NotFound):
@@ -497,7 +477,9 @@ def remove_tree(path: str) -> None:
     uris = [join(path, rel) for rel in _remote_listing(path)]
     if _split_gs(path)[1]:
         uris.append(path.rstrip("/"))
-    _run_parallel(_delete_object, uris, "delete", writing=True)
+    with concurrent.futures.ThreadPoolExecutor(MAX_WORKERS) as pool:
+        futures = [pool.submit(_delete_object, uri) for uri in uris]
+    _raise_first_failure(uris, [f.exception() for f in futures], "delete", writing=True)
     _LOG.info("removed %s: %d objects", path, len(uris))
 
 
@@ -552,11 +534,7 @@ def _upload_files(src: str, uri: str, sizes: dict[str, int]) -> None:
 
 def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> int:
     """Fetch `objects` (name under `uri` -> listing entry) into `dst`, verified, atomically."""
-    todo = {
-        rel: obj
-        for rel, obj in objects.items()
-        if not _local_matches(_inside(dst, rel), obj.size, obj.crc32c)
-    }
+    todo = {rel: obj for rel, obj in objects.items() if not _local_matches(_inside(dst, rel), obj.size, obj.crc32c)}
     temps = {rel: _temp_path_beside(_inside(dst, rel)) for rel in todo}
     try:
         whole = [rel for rel, obj in todo.items() if obj.size <= LARGE_FILE_BYTES]
@@ -574,10 +552,8 @@ def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> 
                     download_kwargs={"retry": _retry(), "timeout": _timeout()}, **_THREADS)
         for rel, obj in todo.items():
             if not _local_matches(temps[rel], obj.size, obj.crc32c):
-                raise RetryableError(
-                    f"download of {join(uri, rel)} does not match its size {obj.size} and "
-                    f"CRC32C {obj.crc32c}; the network corrupted it, try again"
-                )
+                raise RetryableError(f"download of {join(uri, rel)} does not match its size {obj.size} and CRC32C "
+                                     f"{obj.crc32c}; the network corrupted it, try again")
             os.replace(temps[rel], _inside(dst, rel))
     finally:
         for tmp in temps.values():
@@ -617,15 +593,11 @@ def stage_input(uri: str, cache_dir: str) -> str:
         _download_objects(uri, objects, target)
         return target
     if not key or uri.endswith("/"):
-        raise ConfigError(
-            f"input folder {uri} holds no objects. Fix: correct the URI or upload the data"
-        )
+        raise ConfigError(f"input folder {uri} holds no objects. Fix: correct the URI or upload the data")
     with _gcs_errors(uri, "stage", writing=False):
         blob = _client().bucket(bucket).get_blob(key, retry=_retry(), timeout=_timeout())
     if blob is None:
-        raise ConfigError(
-            f"input {uri} does not exist (no object, no folder). Fix: correct the URI"
-        )
+        raise ConfigError(f"input {uri} does not exist (no object, no folder). Fix: correct the URI")
     single = {posixpath.basename(key): _RemoteObject(int(blob.size or 0), blob.crc32c, blob)}
     _download_objects(posixpath.dirname(uri), single, os.path.dirname(target))
     return target
@@ -639,11 +611,8 @@ def stage_matching(pattern: str, cache_dir: str) -> list[str]:
     cache_dir/BUCKET/PATH, in one parallel, checksummed transfer; local matches come back as they are.
     """
     if not is_remote(pattern):
-        return sorted(
-            p
-            for p in globlib.glob(local_path(pattern))
-            if os.path.isfile(p) and not os.path.basename(p).startswith(_TMP_PREFIX)
-        )
+        return sorted(p for p in globlib.glob(local_path(pattern))
+                      if os.path.isfile(p) and not os.path.basename(p).startswith(_TMP_PREFIX))
     bucket, key = _split_gs(pattern)
     segments = key.split("/")
     # List from the deepest folder without wildcards: the fewest objects that can match.
@@ -651,12 +620,8 @@ def stage_matching(pattern: str, cache_dir: str) -> list[str]:
     base_key = "/".join(segments[:fixed])
     base = f"gs://{bucket}/{base_key}" if base_key else f"gs://{bucket}"
     wanted = segments[fixed:]
-    objects = {
-        rel: obj
-        for rel, obj in _remote_listing(base).items()
-        if len(rel.split("/")) == len(wanted)
-        and all(map(_segment_matches, rel.split("/"), wanted))
-    }
+    objects = {rel: obj for rel, obj in _remote_listing(base).items()
+               if len(rel.split("/")) == len(wanted) and all(map(_segment_matches, rel.split("/"), wanted))}
     target = _staged(cache_dir, bucket, base_key)
     if objects:
         _download_objects(base, objects, target)
@@ -695,21 +660,18 @@ def publish(local_dir: str, output: str, marker: str) -> dict[str, dict[str, Fil
     unfinished, so a crash at any point leaves no false success; calling again completes it.
     """
     marker_path = join(output, marker)
-    _remove_file(marker_path)
+    if is_remote(output):
+        _delete_object(marker_path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(local_path(marker_path))
     if is_remote(output) or not _same_local_dir(local_dir, output):
         # A marker inside local_dir (from an earlier publish in place) must not go out early.
         upload_tree(local_dir, output, skip=frozenset({marker}))
     listing = {rel: v for rel, v in _listing_with_crc(output).items() if rel != marker}
-    document: dict[str, dict[str, FileEntry]] = {
-        "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in listing.items()}
-    }
+    document = {"files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in listing.items()}}
     write_text(marker_path, json.dumps(document, indent=2, sort_keys=True) + "\n")
-    _LOG.info(
-        "published %s: %d files, %d bytes",
-        output,
-        len(listing),
-        sum(s for s, _ in listing.values()),
-    )
+    _LOG.info("published %s: %d files, %d bytes", output, len(listing), sum(s for s, _ in listing.values()))
     return document
 
 
