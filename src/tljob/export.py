@@ -46,18 +46,13 @@ def plot_curves(history: list[dict], path: Path, fine_tune_start: int | None) ->
     plt.close(fig)
 
 
-def versions() -> dict[str, str]:
+def metadata(*, class_names: list[str], image_size: int, config_digest: str, num_workers: int,
+             replicas: int, global_batch: int, tflite: dict[str, Any] | None = None) -> dict[str, Any]:
     import tensorflow as tf
     import tf_keras
 
     from tljob import __version__
 
-    return {"tljob": __version__, "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
-            "python": platform.python_version()}
-
-
-def metadata(*, class_names: list[str], image_size: int, config_digest: str, num_workers: int,
-             replicas: int, global_batch: int, tflite: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "class_names": class_names,
         "image_size": image_size,
@@ -68,7 +63,8 @@ def metadata(*, class_names: list[str], image_size: int, config_digest: str, num
         "num_workers": num_workers,
         "replicas": replicas,
         "global_batch_size": global_batch,
-        "versions": versions(),
+        "versions": {"tljob": __version__, "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
+                     "python": platform.python_version()},
         # export_tflite's result (export.tflite: true), else absent.
         **({"tflite": tflite} if tflite else {}),
     }

@@ -410,12 +410,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
         shutil.rmtree(self._path(self.ctx.layout.backup), ignore_errors=True)
-        by_phase = {}
-        for phase in PHASES:
-            recs = [h for h in self.history if h["phase"] == phase]
-            if recs:
-                # The last epoch's validation ran on the phase's final weights: no second evaluation.
-                by_phase[phase] = {k: v for k, v in recs[-1].items() if k.startswith("val_")}
+        # Each phase's last epoch: its validation ran on the phase's final weights, so no second evaluation.
+        last = {h["phase"]: h for h in self.history}
+        by_phase = {p: {k: v for k, v in last[p].items() if k.startswith("val_")} for p in PHASES if p in last}
         ips = [h["images_per_second"] for h in self.history]
         metrics = {
             "phases": by_phase,
