@@ -29,12 +29,12 @@ import tempfile
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 import google_crc32c
 import requests
 from google.api_core import exceptions as gexc
-from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage as gcs
@@ -180,17 +180,13 @@ def _deadline_s() -> float:
     return value
 
 
-def _retry() -> Retry:
-    # Full-jitter backoff from 0.5 s keeps short outages cheap; the deadline bounds the whole
-    # operation, so a storage outage ends in exit 75 and a pod restart rather than a hang.
-    return DEFAULT_RETRY.with_delay(initial=0.5, maximum=30.0, multiplier=2.0).with_timeout(
-        _deadline_s()
-    )
-
-
-def _timeout() -> float:
-    """Per-request HTTP timeout: never longer than the whole operation may take."""
-    return min(60.0, _deadline_s())
+def _rpc() -> dict[str, Any]:
+    """The retry policy and per-request HTTP timeout of every call to GCS (its `retry=` and `timeout=`)."""
+    deadline = _deadline_s()
+    # Full-jitter backoff from 0.5 s keeps short outages cheap; the deadline bounds the whole operation, so a
+    # storage outage ends in exit 75 and a pod restart rather than a hang. No request outlasts the operation.
+    return {"retry": DEFAULT_RETRY.with_delay(initial=0.5, maximum=30.0, multiplier=2.0).with_timeout(deadline),
+            "timeout": min(60.0, deadline)}
 
 
 def _client() -> gcs.Client:
@@ -361,9 +357,7 @@ def _remote_listing(uri: str, *, writing: bool = False) -> dict[str, _RemoteObje
     bucket, key = _split_gs(uri)
     prefix = _dir_prefix(key)
     with _gcs_errors(uri, "list", writing=writing):
-        blobs = list(
-            _client().list_blobs(bucket, prefix=prefix, retry=_retry(), timeout=_timeout())
-        )
+        blobs = list(_client().list_blobs(bucket, prefix=prefix, **_rpc()))
     # Names ending in '/' are folder placeholders made by consoles, not files.
     listing = {
         b.name[len(prefix) :]: _RemoteObject(int(b.size or 0), b.crc32c, b)
@@ -394,14 +388,11 @@ def exists(path: str) -> bool:
     bucket = _client().bucket(bucket_name)
     with _gcs_errors(path, "check", writing=False):
         if not key:
-            return bool(bucket.exists(retry=_retry(), timeout=_timeout()))
-        if bucket.blob(key).exists(retry=_retry(), timeout=_timeout()):
+            return bool(bucket.exists(**_rpc()))
+        if bucket.blob(key).exists(**_rpc()):
             return True
         try:
-            page = bucket.list_blobs(
-                prefix=f"{key}/", max_results=1, retry=_retry(), timeout=_timeout()
-            )
-            return any(True for _ in page)
+            return any(True for _ in bucket.list_blobs(prefix=f"{key}/", max_results=1, **_rpc()))
         except gexc.NotFound:
             return False  # the bucket itself is missing
 
@@ -411,7 +402,7 @@ def is_file(path: str) -> bool:
     if not is_remote(path):
         return os.path.isfile(local_path(path))
     with _gcs_errors(path, "check", writing=False):
-        return bool(_blob(path).exists(retry=_retry(), timeout=_timeout()))
+        return bool(_blob(path).exists(**_rpc()))
 
 
 def read_bytes(path: str) -> bytes:
@@ -420,7 +411,7 @@ def read_bytes(path: str) -> bytes:
         with open(local_path(path), "rb") as f:
             return f.read()
     with _gcs_errors(path, "read", writing=False):
-        return _blob(path).download_as_bytes(retry=_retry(), timeout=_timeout(), checksum="crc32c")
+        return _blob(path).download_as_bytes(checksum="crc32c", **_rpc())
 
 
 def read_text(path: str) -> str:
@@ -433,9 +424,7 @@ def _write(path: str, data: bytes, content_type: str) -> None:
         return
     # One upload request: GCS makes the object visible only when it is complete.
     with _gcs_errors(path, "write", writing=True):
-        _blob(path).upload_from_string(
-            data, content_type=content_type, retry=_retry(), timeout=_timeout(), checksum="crc32c"
-        )
+        _blob(path).upload_from_string(data, content_type=content_type, checksum="crc32c", **_rpc())
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -450,7 +439,7 @@ def write_text(path: str, text: str) -> None:
 def _delete_object(uri: str) -> None:
     # Already gone is fine: an earlier attempt may have deleted it and lost the answer.
     with _gcs_errors(uri, "delete", writing=True), contextlib.suppress(gexc.NotFound):
-        _blob(uri).delete(retry=_retry(), timeout=_timeout())
+        _blob(uri).delete(**_rpc())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,14 +511,12 @@ def _upload_files(src: str, uri: str, sizes: dict[str, int]) -> None:
     whole = [rel for rel in sizes if rel not in chunked]
     results = transfer_manager.upload_many(
         [(_inside(src, rel), bucket.blob(_dir_prefix(key) + rel)) for rel in whole],
-        upload_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": "crc32c"}, raise_exception=False,
-        **_THREADS)
+        upload_kwargs={**_rpc(), "checksum": "crc32c"}, raise_exception=False, **_THREADS)
     _raise_first_failure([join(uri, rel) for rel in whole], results, "upload", writing=True)
     for rel in chunked:
         with _gcs_errors(join(uri, rel), "upload", writing=True):
             transfer_manager.upload_chunks_concurrently(
-                _inside(src, rel), bucket.blob(_dir_prefix(key) + rel), chunk_size=CHUNK_BYTES, retry=_retry(),
-                timeout=_timeout(), **_THREADS)
+                _inside(src, rel), bucket.blob(_dir_prefix(key) + rel), chunk_size=CHUNK_BYTES, **_rpc(), **_THREADS)
 
 
 def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> int:
@@ -542,14 +529,13 @@ def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> 
         # CRC32C is checked below against the listing, the same way for whole and chunked files.
         results = transfer_manager.download_many(
             [(todo[rel].blob, temps[rel]) for rel in whole],
-            download_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": None}, raise_exception=False,
-            **_THREADS)
+            download_kwargs={**_rpc(), "checksum": None}, raise_exception=False, **_THREADS)
         _raise_first_failure([join(uri, rel) for rel in whole], results, "download", writing=False)
         for rel in chunked:
             with _gcs_errors(join(uri, rel), "download", writing=False):
                 transfer_manager.download_chunks_concurrently(
                     todo[rel].blob, temps[rel], chunk_size=CHUNK_BYTES, crc32c_checksum=False,
-                    download_kwargs={"retry": _retry(), "timeout": _timeout()}, **_THREADS)
+                    download_kwargs=_rpc(), **_THREADS)
         for rel, obj in todo.items():
             if not _local_matches(temps[rel], obj.size, obj.crc32c):
                 raise RetryableError(f"download of {join(uri, rel)} does not match its size {obj.size} and CRC32C "
@@ -595,7 +581,7 @@ def stage_input(uri: str, cache_dir: str) -> str:
     if not key or uri.endswith("/"):
         raise ConfigError(f"input folder {uri} holds no objects. Fix: correct the URI or upload the data")
     with _gcs_errors(uri, "stage", writing=False):
-        blob = _client().bucket(bucket).get_blob(key, retry=_retry(), timeout=_timeout())
+        blob = _client().bucket(bucket).get_blob(key, **_rpc())
     if blob is None:
         raise ConfigError(f"input {uri} does not exist (no object, no folder). Fix: correct the URI")
     single = {posixpath.basename(key): _RemoteObject(int(blob.size or 0), blob.crc32c, blob)}
