@@ -313,7 +313,7 @@ total = strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 agreed = cluster.make_any_worker(strategy)(spec.task_index == 1)
 print("RESULT " + json.dumps({
     "sum": float(total), "is_chief": spec.is_chief,
-    "replicas": cluster.num_replicas(strategy), "dir": cluster.worker_write_dir("/out/run", spec),
+    "replicas": strategy.num_replicas_in_sync, "dir": cluster.worker_write_dir("/out/run", spec),
     "multi_worker": isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), "agreed": agreed}), flush=True)
 """
 

@@ -382,10 +382,6 @@ def worker_write_dir(path: str, spec: ClusterSpec) -> str:
     return os.path.join(tempfile.gettempdir(), f"tljob-worker-{spec.task_index}-{os.getpid()}", name)
 
 
-def num_replicas(strategy: tf.distribute.Strategy) -> int:
-    return int(strategy.num_replicas_in_sync)
-
-
 def make_any_worker(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
     """A function that is True on every worker when its flag is True on at least one.
 

@@ -97,7 +97,7 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
     strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
                                        cfg.runtime.collective_timeout_s)
-    replicas = cluster.num_replicas(strategy)
+    replicas = int(strategy.num_replicas_in_sync)
     ctx = RunContext(
         cfg=cfg,
         spec=spec,
