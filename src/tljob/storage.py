@@ -474,12 +474,10 @@ def remove_tree(path: str) -> None:
 
 def upload_tree(local_dir: str, uri: str, *, last: frozenset[str] = frozenset(),
                 skip: frozenset[str] = frozenset()) -> int:
-    """Copy local_dir's files, but those named in `skip`, to `uri` (gs:// or local), skipping those whose size
-    and CRC32C already match there; returns how many were sent (none from a missing local_dir).
-
-    Files whose base name is in `last` (an index that points at the others) go only once the rest is there, so
-    a process killed mid-upload leaves the previous index, whose files a sync never deletes, not one pointing
-    nowhere.
+    """Copy local_dir's files but those named in `skip` to `uri` (gs:// or local), skipping those whose size and
+    CRC32C already match there; returns how many were sent (none from a missing local_dir). Files whose base name
+    is in `last` (an index that points at the others) go once the rest is there, so a process killed mid-upload
+    leaves the previous index, whose files a sync never deletes, not one pointing nowhere.
     """
     src = local_path(local_dir)
     local = {rel: size for rel, size in _local_listing(src).items() if rel not in skip}

@@ -1,11 +1,8 @@
 """What a run is: the two phases, resume, and publishing the result (the callbacks: tljob.callbacks).
 
 Runs on every worker. All workers execute the same program (the collectives need it); only the chief
-writes the run's files. Non-chief workers write what the collectives force them to write (backups,
-exports) into temporary directories that are removed again.
-
-The run directory (its files: tljob.rundir) is staged locally and, for a gs:// `output`, mirrored from the
-staging directory.
+writes the run's files (rundir.RunFiles: staged locally, mirrored to a gs:// `output`), the others what the
+collectives force them to write, in scratch folders (cluster.worker_write_dir).
 """
 
 from __future__ import annotations
