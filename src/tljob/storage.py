@@ -359,11 +359,8 @@ def _remote_listing(uri: str, *, writing: bool = False) -> dict[str, _RemoteObje
     with _gcs_errors(uri, "list", writing=writing):
         blobs = list(_client().list_blobs(bucket, prefix=prefix, **_rpc()))
     # Names ending in '/' are folder placeholders made by consoles, not files.
-    listing = {
-        b.name[len(prefix) :]: _RemoteObject(int(b.size or 0), b.crc32c, b)
-        for b in blobs
-        if not b.name.endswith("/")
-    }
+    listing = {b.name[len(prefix):]: _RemoteObject(int(b.size or 0), b.crc32c, b)
+               for b in blobs if not b.name.endswith("/")}
     return dict(sorted(listing.items()))
 
 
@@ -683,8 +680,6 @@ class Mirror:
             for name in names:
                 write_bytes(join(self.remote, name), read_bytes(join(self.local_dir, name)))
 
-    def pull(self, subdir: str = "") -> int:
-        """Download remote/subdir into local_dir/subdir; returns files fetched."""
-        if self._same:
-            return 0
-        return download_tree(join(self.remote, subdir), join(self.local_dir, subdir))
+    def pull(self) -> int:
+        """Download remote into local_dir; returns files fetched."""
+        return 0 if self._same else download_tree(self.remote, self.local_dir)
