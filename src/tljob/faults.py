@@ -175,7 +175,6 @@ class GracefulTermination:
         self.grace_s = grace_s
         # Set by the reader thread, read at batch ends: a single store, atomic under the GIL.
         self.requested = False
-        self._count = 0
         self._timer: threading.Timer | None = None
         self._pipe: tuple[int, int] | None = None
         self._reader: threading.Thread | None = None
@@ -228,8 +227,7 @@ class GracefulTermination:
                     self._on_sigterm()
 
     def _on_sigterm(self) -> None:
-        self._count += 1
-        if self._count > 1:
+        if self.requested:  # the second SIGTERM
             _hard_exit("second SIGTERM: exiting now with retryable code %d", EXIT_RETRYABLE)
         self.requested = True
         log.warning("SIGTERM: saving a backup at the next batch end, then exiting with code %d "
