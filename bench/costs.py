@@ -33,7 +33,7 @@ def publish(run: Path, repeats: int) -> dict[str, object]:
         seconds = []
         for i in range(repeats):
             start = time.perf_counter()
-            rundir.RunFiles(run).publish(f"{bucket}/run-{i}")
+            rundir.RunFiles(run, f"{bucket}/run-{i}").publish()
             seconds.append(time.perf_counter() - start)
     finally:
         emulator.stop()

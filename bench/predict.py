@@ -49,7 +49,7 @@ def make_model(model_dir: Path) -> None:
                                   cache_dir="")
     with contextlib.redirect_stdout(sys.stderr):  # Keras prints the SavedModel's endpoints: keep stdout JSON
         export.export_model(model, model_dir)
-    rundir.RunFiles(model_dir).write_json(rundir.METADATA, {"class_names": ["a", "b"], "image_size": 64})
+    rundir.write_json(model_dir / rundir.METADATA, {"class_names": ["a", "b"], "image_size": 64})
 
 
 def per_image(model_dir: str, paths: list[str]) -> tuple[list[dict], float]:

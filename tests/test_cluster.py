@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +17,7 @@ from tljob.cluster import (
     choose_strategy,
     resolve_cluster,
     worker_share,
+    worker_write_dir,
 )
 from tljob.errors import ConfigError
 
@@ -30,20 +30,13 @@ WORKERS = {"worker": ["w0:2222", "w1:2222", "w2:2222"]}
 WITH_CHIEF = {"chief": ["c0:2222"], "worker": ["w0:2222", "w1:2222"]}
 
 
-def resolver_strategy(cluster: dict | None, task_type: str | None = None, task_id: int = 0) -> SimpleNamespace:
-    """A stand-in for a strategy's cluster_resolver (what worker_share reads)."""
-    if cluster is None:
-        return SimpleNamespace(cluster_resolver=None)
-    return SimpleNamespace(cluster_resolver=SimpleNamespace(
-        task_type=task_type, task_id=task_id, cluster_spec=lambda: SimpleNamespace(as_dict=lambda: cluster)))
-
-
 def test_worker_share_numbers_workers_as_the_strategys_input_pipelines() -> None:
     # MultiWorkerMirroredStrategy numbers its input pipelines chief first, then the workers.
-    assert worker_share(resolver_strategy(WITH_CHIEF, "chief", 0)) == (3, 0)
-    assert [worker_share(resolver_strategy(WITH_CHIEF, "worker", i)) for i in (0, 1)] == [(3, 1), (3, 2)]
-    assert worker_share(resolver_strategy(WORKERS, "worker", 2)) == (3, 2)
-    assert worker_share(resolver_strategy(None)) == (1, 0)
+    assert worker_share(resolve_cluster({"TF_CONFIG": tf_config(WITH_CHIEF, "chief", 0)})) == (3, 0)
+    assert [worker_share(resolve_cluster({"TF_CONFIG": tf_config(WITH_CHIEF, "worker", i)})) for i in (0, 1)] == [
+        (3, 1), (3, 2)]
+    assert worker_share(resolve_cluster({"TF_CONFIG": tf_config(WORKERS, "worker", 2)})) == (3, 2)
+    assert worker_share(resolve_cluster({})) == (1, 0)
 
 
 # --- TF_CONFIG ------------------------------------------------------------------------------------
@@ -298,6 +291,15 @@ def test_choose_strategy_inconsistent(strategy: str, communication: str, workers
         assert name in str(info.value)
 
 
+def test_only_the_chief_writes_in_place() -> None:
+    chief = resolve_cluster({"TF_CONFIG": tf_config(WITH_CHIEF, "chief", 0)})
+    worker0 = resolve_cluster({"TF_CONFIG": tf_config(WITH_CHIEF, "worker", 0)})
+    assert worker_write_dir("/out/run/checkpoints", chief) == "/out/run/checkpoints"
+    scratch = worker_write_dir("/out/run/checkpoints/", worker0)
+    assert f"tljob-worker-0-{os.getpid()}" in scratch and scratch.endswith("/checkpoints")
+    assert not scratch.startswith("/out/")
+
+
 def test_resolution_does_not_import_tensorflow() -> None:
     code = ("import sys, tljob.cluster as c; c.resolve_cluster({'TLJOB_NUM_WORKERS': '1'}); "
             "print('tensorflow' in sys.modules)")
@@ -320,8 +322,8 @@ value = strategy.run(lambda: tf.constant(float(spec.task_index + 1)))
 total = strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 agreed = cluster.make_any_worker(strategy)(spec.task_index == 1)
 print("RESULT " + json.dumps({
-    "sum": float(total), "is_chief": cluster.is_chief(strategy), "spec_chief": spec.is_chief,
-    "replicas": cluster.num_replicas(strategy), "dir": cluster.worker_write_dir("/out/run", strategy),
+    "sum": float(total), "is_chief": spec.is_chief,
+    "replicas": strategy.num_replicas_in_sync, "dir": cluster.worker_write_dir("/out/run", spec),
     "multi_worker": isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), "agreed": agreed}), flush=True)
 """
 
@@ -365,7 +367,7 @@ def test_two_workers_all_reduce_for_real() -> None:
         assert "cluster from tf_config" in err
         results.append(json.loads(out.split("RESULT ", 1)[1]))
     assert [r["sum"] for r in results] == [3.0, 3.0]
-    assert [r["is_chief"] for r in results] == [True, False] == [r["spec_chief"] for r in results]
+    assert [r["is_chief"] for r in results] == [True, False]
     assert results[0]["dir"] == "/out/run"
     assert "tljob-worker-1-" in results[1]["dir"] and results[1]["dir"].endswith("/run")
     assert not results[1]["dir"].startswith("/out/run")

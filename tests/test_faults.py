@@ -161,7 +161,7 @@ def test_stop_check_counts_calls_not_batch_numbers() -> None:
     assert check.every_calls == 5
     assert [check.should_stop() for _ in range(10)] == [False] * 10
     assert asked == [False, False]  # every 5th call asks the peers, on every worker alike
-    term._requested.set()  # what the SIGTERM reader thread does
+    term.requested = True  # what the SIGTERM reader thread does
     assert [check.should_stop() for _ in range(5)] == [False] * 4 + [True]
     assert calls_between_checks(1, 2) == 10 and calls_between_checks(16, 2) == 1 and calls_between_checks(3, 1) == 1
     with pytest.raises(ConfigError, match="every_calls"):
@@ -202,7 +202,7 @@ term.install()
 say("ready")
 while not term.requested:
     time.sleep(0.02)
-say("requested %.3f" % (time.monotonic() - term.requested_at))
+say("requested")
 sys.exit(75)  # what the trainer does once its backup is saved
 """)
     wait_for(proc, "ready")

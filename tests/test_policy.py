@@ -70,6 +70,8 @@ def test_eta_is_the_mean_of_the_last_three_epochs_times_those_left() -> None:
     history = [{"epoch": 1, "seconds": 100.0}] + [{"epoch": e, "seconds": 10.0} for e in (2, 3, 4)]
     assert eta_seconds(history, 6) == pytest.approx(20.0)
     assert eta_seconds(history, 4) == 0.0
+    # Before any epoch has a record (the progress bar in the first epoch): the epoch's estimate, given.
+    assert eta_seconds([], 5, epoch_s=3.0) == 15.0 and eta_seconds(history, 6, epoch_s=3.0) == pytest.approx(20.0)
 
 
 def test_policy_does_not_import_tensorflow() -> None:

@@ -85,7 +85,7 @@ def test_status_round_trips_and_tolerates_other_versions(tmp_path: Path) -> None
                 "val_accuracy": 0.8, "seconds": 3.0, "images_per_second": 12.3}]
     written = rundir.Status.after(history, state="running", eta_s=9.04, total_epochs=4, started_at="t0",
                                   name="cats", num_workers=2)
-    files = rundir.RunFiles(tmp_path)
+    files = rundir.RunFiles(tmp_path, str(tmp_path))
     files.write_status(written)
     assert rundir.read_status(str(tmp_path)) == written
     saved = json.loads((tmp_path / rundir.STATUS).read_text())
@@ -107,7 +107,7 @@ def test_status_of_a_run_without_epochs() -> None:
 
 
 def test_state_and_history_round_trip(tmp_path: Path) -> None:
-    files = rundir.RunFiles(tmp_path)
+    files = rundir.RunFiles(tmp_path, str(tmp_path))
     assert files.state() == rundir.State() and files.history() == []
     files.write_state(rundir.State(attempts=2, completed_phases=("feature_extraction",)))
     assert files.state() == rundir.State(2, ("feature_extraction",))
@@ -123,7 +123,7 @@ def test_finished_means_the_marker_exists(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "history.json").write_text("[]")
     assert not rundir.is_finished(str(tmp_path / "run"))
-    listing = rundir.RunFiles(tmp_path / "run").publish(str(tmp_path / "out"))
+    listing = rundir.RunFiles(tmp_path / "run", str(tmp_path / "out")).publish()
     assert rundir.is_finished(str(tmp_path / "out")) and set(listing["files"]) == {"history.json"}
     (tmp_path / "dir" / rundir.SUCCESS).mkdir(parents=True)
     assert not rundir.is_finished(str(tmp_path / "dir")), "a folder of that name is not the marker"

@@ -431,14 +431,27 @@ def test_mirror_push_pull(tmp_path: Path, remote_kind: str, request: pytest.Fixt
     assert (tmp_path / "restarted/backup/metrics.json").read_bytes() == FILES["metrics.json"]
 
     (tmp_path / "staging" / "history.json").write_text('[{"epoch": 1}]')
-    mirror.push_file("history.json")
+    (tmp_path / "staging" / "status.json").write_text('{"state": "running"}')
+    mirror.push_files("history.json", "status.json")
     assert storage.read_text(storage.join(remote, "history.json")) == '[{"epoch": 1}]'
+    assert storage.read_text(storage.join(remote, "status.json")) == '{"state": "running"}'
+
+
+def test_a_local_copy_leaves_out_what_an_upload_leaves_out(tmp_path: Path) -> None:
+    """skip= holds for a local destination too: publish's marker, left in the staging folder by an earlier
+    publish in place, must not reach the output before the other files."""
+    src = make_tree(tmp_path / "src", {**FILES, "_SUCCESS": b"{}"})
+    dst = tmp_path / "dst"
+    assert storage.upload_tree(str(src), str(dst), skip=frozenset({"_SUCCESS"})) == len(FILES)
+    assert storage.list_files(str(dst)) == {rel: len(data) for rel, data in FILES.items()}
+    assert storage.download_tree(str(src), str(dst)) == 1  # a local "download" is a copy: only _SUCCESS is new
 
 
 def test_mirror_onto_itself_is_a_no_op(tmp_path: Path) -> None:
     make_tree(tmp_path / "out")
     mirror = storage.Mirror(str(tmp_path / "out"), f"file://{tmp_path}/out/")
     assert mirror.push() == 0 and mirror.pull() == 0
+    mirror.push_files("absent.json")  # nothing to copy, so nothing is read
 
 
 def test_an_index_goes_up_only_after_the_files_it_names(

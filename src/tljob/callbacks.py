@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from tljob import fastval, faults
 from tljob.errors import RetryableError
-from tljob.policy import trim_history
+from tljob.policy import eta_seconds, trim_history
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,15 @@ def make_callbacks(*, phase: str, steps: int, global_batch: int, tags: dict[str,
                    total_epochs: int = 0) -> list[tf.keras.callbacks.Callback]:
     """One phase's callbacks in the order they must run. `tags`: the fields every history record carries;
     tensorboard_dir and sync_logs are None except on the chief (sync_logs: for a remote output only);
-    progress_bar: an EpochBar (of `total_epochs` in the run), for the chief in a terminal only."""
+    progress_bar: Progress's bar (of `total_epochs` in the run), for the chief in a terminal only."""
     backup = RunBackup(backup_dir, backup_every_steps, on_backup_saved, watchdog)
     callbacks: list[tf.keras.callbacks.Callback] = [
         # First: the epoch's val_* metrics must be in `logs` before Progress and TensorBoard read them.
         *([cached_validation] if cached_validation else []),
-        *([EpochBar(phase=phase, steps=steps, total_epochs=total_epochs, global_batch=global_batch)]
-          if progress_bar else []),
         # History before backup at each epoch end: a crash between the two re-runs an epoch that
         # history already has (trimmed on resume), never leaves a backed-up epoch out of history.
-        Progress(phase, steps * global_batch, tags, history, on_record, cached_validation),
+        Progress(phase=phase, steps=steps, global_batch=global_batch, total_epochs=total_epochs, tags=tags,
+                 history=history, on_record=on_record, cached_validation=cached_validation, bar=progress_bar),
         backup,
         FaultCallback(watchdog, stop, backup.backup_now),
     ]
@@ -158,19 +157,24 @@ class FaultCallback(tf.keras.callbacks.Callback):
 
 class Progress(tf.keras.callbacks.Callback):
     """One history record per epoch, appended to `history` (first trimmed of the epochs this attempt redoes)
-    and handed to `on_record`. `images_per_epoch`: steps x global batch."""
+    and handed to `on_record`. With `bar` (the chief in a terminal), a tqdm bar per epoch on stderr: steps,
+    images/s, loss and the run's ETA, cleared before the epoch's record, whose log line is what stays. Log
+    lines go above it (console's handler in a terminal)."""
 
-    def __init__(self, phase: str, images_per_epoch: int, tags: dict[str, Any], history: list[dict],
-                 on_record: Callable[[dict], None], cached_validation: fastval.CachedValidation | None):
+    def __init__(self, *, phase: str, steps: int, global_batch: int, total_epochs: int, tags: dict[str, Any],
+                 history: list[dict], on_record: Callable[[dict], None],
+                 cached_validation: fastval.CachedValidation | None, bar: bool):
         super().__init__()
-        self.phase, self.images_per_epoch, self.tags, self.history = phase, images_per_epoch, tags, history
-        self.on_record, self.cached_validation = on_record, cached_validation
+        self.phase, self.steps, self.global_batch, self.total_epochs = phase, steps, global_batch, total_epochs
+        self.tags, self.history, self.on_record, self.cached_validation = tags, history, on_record, cached_validation
+        self._tqdm: Any = None
+        if bar:
+            from tqdm import tqdm  # only where a bar is shown (a terminal)
+
+            self._tqdm = tqdm
+        self._bar: Any = None
         self._epoch_start = self._train_seconds = 0.0
         self._first = True
-
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        # Validation runs inside the epoch; images per second counts training steps only.
-        self._train_seconds = time.perf_counter() - self._epoch_start
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if self._first:
@@ -179,69 +183,48 @@ class Progress(tf.keras.callbacks.Callback):
             self.history[:] = trim_history(self.history, epoch)
         self._epoch_start = time.perf_counter()
         self._train_seconds = 0.0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self._epoch_start
-        # fit's own validation is timed from on_test_begin; cached validation reports its own duration.
-        train_seconds = self._train_seconds or seconds - (
-            self.cached_validation.last_seconds if self.cached_validation else 0.0)
-        record = {"epoch": epoch + 1, "phase": self.phase, **{k: float(v) for k, v in (logs or {}).items()},
-                  # The rate of the epoch's last step: train.<phase>.schedule's course shows in the history.
-                  "learning_rate": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
-                  "seconds": round(seconds, 3), "images_per_second": round(self.images_per_epoch / train_seconds, 1),
-                  **self.tags}
-        self.history.append(record)
-        self.on_record(record)
-
-
-class EpochBar(tf.keras.callbacks.Callback):
-    """One tqdm bar per epoch on stderr: steps, images/s, loss and the run's ETA; cleared at the epoch's end,
-    where the trainer logs the epoch's line. Log lines go above it (console's handler in a terminal)."""
-
-    def __init__(self, *, phase: str, steps: int, total_epochs: int, global_batch: int):
-        super().__init__()
-        from tqdm import tqdm  # only where a bar is shown (a terminal)
-
-        self._tqdm = tqdm
-        self.phase = phase
-        self.steps = steps
-        self.total_epochs = total_epochs
-        self.global_batch = global_batch
-        self._bar: Any = None
-        self._epoch = 0
-        self._epoch_start = 0.0
-        self._durations: list[float] = []
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch = epoch
-        self._epoch_start = time.perf_counter()
-        self._bar = self._tqdm(total=self.steps, desc=f"{self.phase} epoch {epoch + 1}/{self.total_epochs}",
-                               file=sys.stderr, leave=False, dynamic_ncols=True,
-                               bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}")
+        if self._tqdm is not None:
+            self._bar = self._tqdm(total=self.steps, desc=f"{self.phase} epoch {epoch + 1}/{self.total_epochs}",
+                                   file=sys.stderr, leave=False, dynamic_ncols=True,
+                                   bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}")
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._bar is None:
             return
         done = batch + 1  # with steps_per_execution N, `batch` is the last of the N steps just run
-        elapsed = time.perf_counter() - self._epoch_start
-        rate = done / elapsed  # steps per second in this epoch so far
-        epoch_s = sum(self._durations[-3:]) / len(self._durations[-3:]) if self._durations else self.steps / rate
-        eta = (self.steps - done) / rate + epoch_s * (self.total_epochs - self._epoch - 1)
+        rate = done / (time.perf_counter() - self._epoch_start)  # steps per second in this epoch so far
+        # The rest of this epoch, then the epochs after it (total - 1: this one has no record yet) as the status
+        # counts them, at this epoch's rate while no epoch has a record.
+        eta = (self.steps - done) / rate + eta_seconds(self.history, self.total_epochs - 1, self.steps / rate)
         loss = (logs or {}).get("loss")
         self._bar.set_postfix_str(
             f"{rate * self.global_batch:.0f} img/s" + (f", loss {float(loss):.4f}" if loss is not None else "")
             + f", run ETA {dt.timedelta(seconds=round(eta))}", refresh=False)
         self._bar.update(done - self._bar.n)
 
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        # Validation runs inside the epoch; images per second counts training steps only.
+        self._train_seconds = time.perf_counter() - self._epoch_start
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         # Validation has run by now (fit's, or cached validation's callback, which comes first).
-        self._durations.append(time.perf_counter() - self._epoch_start)
-        self._close()
+        seconds = time.perf_counter() - self._epoch_start
+        self._close_bar()
+        # fit's own validation is timed from on_test_begin; cached validation reports its own duration.
+        train_seconds = self._train_seconds or seconds - (
+            self.cached_validation.last_seconds if self.cached_validation else 0.0)
+        record = {"epoch": epoch + 1, "phase": self.phase, **{k: float(v) for k, v in (logs or {}).items()},
+                  # The rate of the epoch's last step: train.<phase>.schedule's course shows in the history.
+                  "learning_rate": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
+                  "seconds": round(seconds, 3),
+                  "images_per_second": round(self.steps * self.global_batch / train_seconds, 1), **self.tags}
+        self.history.append(record)
+        self.on_record(record)
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        self._close()  # fit stopped mid-epoch (SIGTERM): leave the terminal clean
+        self._close_bar()  # fit stopped mid-epoch (SIGTERM): leave the terminal clean
 
-    def _close(self) -> None:
+    def _close_bar(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None

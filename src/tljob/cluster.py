@@ -60,7 +60,7 @@ class ClusterSpec:
     task_type: str  # "chief" | "worker"
     task_index: int
     num_workers: int  # all training processes (chief + workers)
-    is_chief: bool
+    is_chief: bool  # writes the run's files (chief_task)
 
     def describe(self) -> str:
         role = "chief" if self.is_chief else "not chief"
@@ -171,10 +171,6 @@ def _single(source: str) -> ClusterSpec:
                        is_chief=True)
 
 
-def _from_tf_config(text: str) -> ClusterSpec:
-    return _spec_from_tf_config("TF_CONFIG", "tf_config", _load_json("TF_CONFIG", text))
-
-
 def host_addresses(pattern: str, num_workers: int, port: int) -> list[str]:
     """The address of every worker of an Indexed Job, from TLJOB_HOST_PATTERN."""
     var = "TLJOB_HOST_PATTERN"
@@ -263,7 +259,7 @@ def _from_vertex(text: str) -> ClusterSpec:
 def resolve_cluster(env: Mapping[str, str]) -> ClusterSpec:
     """This process's role from the environment (see the module docstring for the order); logs the source."""
     if env.get("TF_CONFIG"):
-        spec = _from_tf_config(env["TF_CONFIG"])
+        spec = _spec_from_tf_config("TF_CONFIG", "tf_config", _load_json("TF_CONFIG", env["TF_CONFIG"]))
     elif "JOB_COMPLETION_INDEX" in env or "TLJOB_NUM_WORKERS" in env:
         spec = _from_indexed_job(env)
     elif env.get("CLUSTER_SPEC"):
@@ -372,43 +368,25 @@ def create_strategy(
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process writes final outputs; True for strategies without a cluster."""
-    resolver = strategy.cluster_resolver
-    if resolver is None or resolver.task_type is None:
-        return True
-    cluster = resolver.cluster_spec().as_dict()
-    return (resolver.task_type, resolver.task_id) == chief_task(cluster)
-
-
-def worker_share(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+def worker_share(spec: ClusterSpec) -> tuple[int, int]:
     """(number of workers, this worker's position): the share of the training set this worker reads, numbered
     as MultiWorkerMirroredStrategy numbers its input pipelines (the chief first, then the workers)."""
-    resolver = strategy.cluster_resolver
-    if resolver is None or resolver.task_type is None:
-        return 1, 0
-    cluster = resolver.cluster_spec().as_dict()
-    workers = len(cluster.get("chief", ())) + len(cluster.get("worker", ()))
-    return workers, resolver.task_id + (len(cluster.get("chief", ())) if resolver.task_type == "worker" else 0)
+    chiefs = len((spec.tf_config or {}).get("cluster", {}).get("chief", ()))
+    return spec.num_workers, spec.task_index + (chiefs if spec.task_type == "worker" else 0)
 
 
-def worker_write_dir(path: str, strategy: tf.distribute.Strategy, scratch_root: str | None = None) -> str:
+def worker_write_dir(path: str, spec: ClusterSpec) -> str:
     """Where this process writes `path`'s content: `path` on the chief, a scratch folder elsewhere.
 
     Non-chief workers must still run the same save ops (saving reads ON_READ variables through
     collectives), but two writers to one path would corrupt it. The scratch folder is outside the run
-    directory (under `scratch_root`, default the temp dir): workers that share a filesystem with the
-    chief must not leave files in the run while the chief lists it for _SUCCESS. The caller deletes it.
+    directory (in the temp dir): workers that share a filesystem with the chief must not leave files in
+    the run while the chief lists it for _SUCCESS. The caller deletes it.
     """
-    if is_chief(strategy):
+    if spec.is_chief:
         return path
-    root = scratch_root or tempfile.gettempdir()
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    return os.path.join(root, f"tljob-worker-{strategy.cluster_resolver.task_id}-{os.getpid()}", name)
-
-
-def num_replicas(strategy: tf.distribute.Strategy) -> int:
-    return int(strategy.num_replicas_in_sync)
+    return os.path.join(tempfile.gettempdir(), f"tljob-worker-{spec.task_index}-{os.getpid()}", name)
 
 
 def make_any_worker(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:

@@ -1,5 +1,5 @@
 """What a person watching a run sees: log set-up, TensorFlow's chatter, the progress bar (whether; the bar
-itself is callbacks.EpochBar, a Keras callback), the summary.
+itself is drawn by callbacks.Progress, a Keras callback), the summary.
 
 By default the console carries tljob's own lines and warnings and errors from anywhere; `-v` adds
 tljob's debug lines and brings back everything TensorFlow and absl say (C++ INFO notices, the
@@ -161,7 +161,7 @@ def keras_messages_to_log() -> Iterator[None]:
 
 
 def wants_progress_bar(chief: bool) -> bool:
-    """Whether this worker shows the per-epoch bar (callbacks.EpochBar): the chief when stderr is a terminal;
+    """Whether this worker shows the per-epoch bar (callbacks.Progress): the chief when stderr is a terminal;
     a pod's log gets the one line per epoch of the trainer instead. Only the chief: workers sharing a terminal
     (a local multi-worker run) would draw over each other's bars, and every worker's bar would show the same
     steps."""

@@ -19,18 +19,7 @@ import numpy as np
 matplotlib.use("Agg")  # no display in pods or CI
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
-from tljob import console  # noqa: E402
-from tljob.rundir import (  # noqa: E402
-    CONFUSION,
-    EVALUATION,
-    KERAS_FILE,
-    LABELS,
-    METADATA,
-    MODEL_CARD,
-    SAVED_MODEL_DIR,
-    TFLITE_FILE,
-    RunFiles,
-)
+from tljob import console, rundir  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +46,13 @@ def plot_curves(history: list[dict], path: Path, fine_tune_start: int | None) ->
     plt.close(fig)
 
 
-def versions() -> dict[str, str]:
+def metadata(*, class_names: list[str], image_size: int, config_digest: str, num_workers: int,
+             replicas: int, global_batch: int, tflite: dict[str, Any] | None = None) -> dict[str, Any]:
     import tensorflow as tf
     import tf_keras
 
     from tljob import __version__
 
-    return {"tljob": __version__, "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
-            "python": platform.python_version()}
-
-
-def metadata(*, class_names: list[str], image_size: int, config_digest: str, num_workers: int,
-             replicas: int, global_batch: int, tflite: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "class_names": class_names,
         "image_size": image_size,
@@ -79,7 +63,8 @@ def metadata(*, class_names: list[str], image_size: int, config_digest: str, num
         "num_workers": num_workers,
         "replicas": replicas,
         "global_batch_size": global_batch,
-        "versions": versions(),
+        "versions": {"tljob": __version__, "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
+                     "python": platform.python_version()},
         # export_tflite's result (export.tflite: true), else absent.
         **({"tflite": tflite} if tflite else {}),
     }
@@ -90,17 +75,17 @@ def export_model(model: Any, model_dir: Path) -> None:
     if model_dir.exists():
         shutil.rmtree(model_dir)  # a retried export must not mix two attempts' files
     model_dir.mkdir(parents=True)
-    model.save(model_dir / KERAS_FILE)
+    model.save(model_dir / rundir.KERAS_FILE)
     with console.keras_messages_to_log():
-        model.export(str(model_dir / SAVED_MODEL_DIR))
-    log.info("exported %s and %s", model_dir / KERAS_FILE, model_dir / SAVED_MODEL_DIR)
+        model.export(str(model_dir / rundir.SAVED_MODEL_DIR))
+    log.info("exported %s and %s", model_dir / rundir.KERAS_FILE, model_dir / rundir.SAVED_MODEL_DIR)
 
 
 def write_model_package(model_dir: Path, meta: dict[str, Any], card: str) -> None:
     """What makes model/ stand alone: its metadata, the class names in output order, the model card."""
-    RunFiles(model_dir).write_json(METADATA, meta)  # the same file as the run directory's
-    (model_dir / LABELS).write_text("".join(f"{name}\n" for name in meta["class_names"]))
-    (model_dir / MODEL_CARD).write_text(card)
+    rundir.write_json(model_dir / rundir.METADATA, meta)  # the same file as the run directory's
+    (model_dir / rundir.LABELS).write_text("".join(f"{name}\n" for name in meta["class_names"]))
+    (model_dir / rundir.MODEL_CARD).write_text(card)
 
 
 def _figure(value: Any) -> str:
@@ -118,7 +103,7 @@ def model_card(*, name: str, meta: dict[str, Any], params: dict[str, Any], metri
         f"# {name}: MobileNetV2 image classifier ({len(classes)} classes)",
         "",
         f"Trained with tljob {meta['versions']['tljob']} (TensorFlow {meta['versions']['tensorflow']}), config "
-        f"digest `{meta['config_digest']}`. Classes, in output order (`{LABELS}`): "
+        f"digest `{meta['config_digest']}`. Classes, in output order (`{rundir.LABELS}`): "
         + ", ".join(f"`{c}`" for c in classes) + ".",
         "",
         "## Data",
@@ -154,8 +139,8 @@ def model_card(*, name: str, meta: dict[str, Any], params: dict[str, Any], metri
         lines.append(f"| test | {_figure(metrics['test'].get('test_accuracy'))} | "
                      f"{_figure(metrics['test'].get('test_loss'))} |")
     if evaluation:
-        lines += ["", f"Per class on the test split ({evaluation['examples']} images; `{EVALUATION}` and "
-                      f"`{CONFUSION}` in the run directory have the confusion matrix and the worst-classified "
+        lines += ["", f"Per class on the test split ({evaluation['examples']} images; `{rundir.EVALUATION}` and "
+                      f"`{rundir.CONFUSION}` in the run directory have the confusion matrix and the worst-classified "
                       "images):", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         lines += [f"| {c} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
                   for c, r in evaluation["per_class"].items()]
@@ -179,21 +164,21 @@ def model_card(*, name: str, meta: dict[str, Any], params: dict[str, Any], metri
         "tljob evaluate --model model --data labelled_folder/              # per-class report",
         "```",
         "",
-        f"The SavedModel (`{SAVED_MODEL_DIR}/`, for TF Serving or Vertex AI) has the `serve` endpoint "
+        f"The SavedModel (`{rundir.SAVED_MODEL_DIR}/`, for TF Serving or Vertex AI) has the `serve` endpoint "
         "(also the `serving_default` signature):",
         "",
         "```python",
         "import tensorflow as tf",
-        f"model = tf.saved_model.load(\"model/{SAVED_MODEL_DIR}\")",
+        f"model = tf.saved_model.load(\"model/{rundir.SAVED_MODEL_DIR}\")",
         f"probabilities = model.serve(tf.zeros([1, {size}, {size}, 3], tf.float32))  # float RGB pixels in [0, 255]",
         "```",
         "",
-        f"`{KERAS_FILE}` loads with `tf_keras.models.load_model`.",
+        f"`{rundir.KERAS_FILE}` loads with `tf_keras.models.load_model`.",
         "",
     ]
     lite = meta.get("tflite")
     if lite and lite["file"]:
-        lines += [f"`{TFLITE_FILE}` (TFLite, float32, same input and output) agrees with the SavedModel on "
+        lines += [f"`{rundir.TFLITE_FILE}` (TFLite, float32, same input and output) agrees with the SavedModel on "
                   f"{lite['checked_images']} test images within {lite['max_abs_diff']:.1e}.", ""]
     elif lite:
         lines += [f"No TFLite file: {lite['error']}.", ""]
@@ -214,9 +199,9 @@ def export_tflite(model_dir: Path, batches: Iterable[np.ndarray], tolerance: flo
     """
     import tensorflow as tf
 
-    path = model_dir / TFLITE_FILE
-    path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(model_dir / SAVED_MODEL_DIR)).convert())
-    saved = tf.saved_model.load(str(model_dir / SAVED_MODEL_DIR))
+    path = model_dir / rundir.TFLITE_FILE
+    path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(model_dir / rundir.SAVED_MODEL_DIR)).convert())
+    saved = tf.saved_model.load(str(model_dir / rundir.SAVED_MODEL_DIR))
     interpreter = tf.lite.Interpreter(model_path=str(path))
     source, result = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
     checked, max_diff = 0, 0.0
@@ -228,13 +213,13 @@ def export_tflite(model_dir: Path, batches: Iterable[np.ndarray], tolerance: flo
         lite, reference = interpreter.get_tensor(result), saved.serve(x).numpy()
         max_diff = max(max_diff, float(np.abs(lite - reference).max()))
         checked += len(x)
-    check = {"file": TFLITE_FILE, "checked_images": checked, "max_abs_diff": max_diff, "tolerance": tolerance}
+    check = {"file": rundir.TFLITE_FILE, "checked_images": checked, "max_abs_diff": max_diff, "tolerance": tolerance}
     if not checked:
         log.warning("export.tflite: no test images to check %s against the SavedModel; kept unchecked", path)
     elif max_diff > tolerance:
         path.unlink()
         check = {**check, "file": None, "error": f"outputs differ from the SavedModel's by {max_diff:.2e} > "
-                                                  f"{tolerance:.0e} on the test images; {TFLITE_FILE} not kept"}
+                                                  f"{tolerance:.0e} on the test images; {rundir.TFLITE_FILE} not kept"}
         log.error("export.tflite: %s", check["error"])
     else:
         log.info("export.tflite: %s agrees with the SavedModel on %d test images (max difference %.2e)",

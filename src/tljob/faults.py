@@ -27,8 +27,10 @@ from tljob.errors import EXIT_RETRYABLE, ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 25.0  # under Kubernetes' default terminationGracePeriodSeconds (30 s)
-# A stage with collectives and no progress reports may take this many peer timeouts, at least the minimum
-# (model build and the first step's tracing of the real MobileNetV2 on two CPU workers take tens of seconds).
+# A stage with collectives and no progress reports (model build, a backup, the first step's tracing) may take
+# this many peer timeouts, at least the minimum: long enough for the real MobileNetV2 on two CPU workers (tens
+# of seconds), and still a bound, so a collective blocked on a dead peer ends in exit 75 when TensorFlow never
+# raises.
 STAGE_ALLOWANCE_FACTOR = 4
 MIN_STAGE_ALLOWANCE_S = 120.0
 PROGRESS_LOG_S = 10.0  # how often a long stage logs how far it got
@@ -36,14 +38,14 @@ PROGRESS_LOG_S = 10.0  # how often a long stage logs how far it got
 _PEER_TEXT = re.compile(r"collective|coordination|heartbeat|grpc|connection reset|socket closed", re.IGNORECASE)
 
 
-def _hard_exit(code: int, message: str, *args: object) -> NoReturn:
-    """Logs CRITICAL and ends the process now, without unwinding a main thread that may be stuck."""
+def _hard_exit(message: str, *args: object) -> NoReturn:
+    """Logs CRITICAL and ends the process now with code 75, without unwinding a main thread that may be stuck."""
     log.critical(message, *args)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(EXIT_RETRYABLE)
 
 
 def _positive(name: str, value: float) -> None:
@@ -51,30 +53,21 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}: invalid value {value!r}. Fix: use a positive number of seconds.")
 
 
-def stage_allowance(timeout_s: float) -> float:
-    """How long a stage that contains collectives but reports no progress (model build, a backup, the
-    first step's tracing) may run: long enough for a real model on CPU workers, and still a bound, so a
-    collective blocked on a dead peer ends in exit 75 even when TensorFlow never raises."""
-    return max(STAGE_ALLOWANCE_FACTOR * timeout_s, MIN_STAGE_ALLOWANCE_S)
-
-
 class Watchdog:
-    """Exits the process with `exit_code` when the job made no progress for too long while armed.
+    """Exits the process with code 75 when the job made no progress for too long while armed.
 
     The thread starts at construction, disarmed; the trainer arms it for the whole run. What counts as
-    too long depends on the stage the job is in (`working`): `timeout_s` between beats while training
-    (every batch end beats, train and validation) and in local stages that report progress;
-    `allowance_s` in stages that contain collectives and report none; no limit in local stages without
-    collectives and without progress reports (they cannot wait on a peer). A beat is one float store,
-    cheap enough for every batch.
+    too long depends on the stage the job is in (`working` says which limit each kind of stage gets):
+    `timeout_s` between beats while training, where every batch end beats (train and validation). A beat
+    is one float store, cheap enough for every batch.
     """
 
-    def __init__(self, timeout_s: float, exit_code: int = EXIT_RETRYABLE, allowance_s: float | None = None) -> None:
+    def __init__(self, timeout_s: float, allowance_s: float | None = None) -> None:
         _positive("runtime.peer_timeout_s", timeout_s)
         self.timeout_s = timeout_s
-        self.allowance_s = stage_allowance(timeout_s) if allowance_s is None else allowance_s
+        self.allowance_s = (max(STAGE_ALLOWANCE_FACTOR * timeout_s, MIN_STAGE_ALLOWANCE_S) if allowance_s is None
+                            else allowance_s)
         _positive("allowance_s", self.allowance_s)
-        self.exit_code = exit_code
         # Plain attributes: single stores and loads are atomic under the GIL; no lock on the step path.
         # _stages is an immutable tuple of (name, limit in s or None), replaced whole, innermost last.
         self._last_beat = time.monotonic()
@@ -161,15 +154,8 @@ class Watchdog:
                 log.info("%s: still working, %.0f s since the last progress (limit %s)", stage, idle,
                          "none" if limit is None else f"{limit:.0f} s")
             if self._armed and limit is not None and idle > limit:
-                _hard_exit(
-                    self.exit_code,
-                    "no progress in %s for %.0f s (limit %g s): a peer is probably dead or frozen; "
-                    "exiting with retryable code %d",
-                    stage,
-                    idle,
-                    limit,
-                    self.exit_code,
-                )
+                _hard_exit("no progress in %s for %.0f s (limit %g s): a peer is probably dead or frozen; exiting with "
+                           "retryable code %d", stage, idle, limit, EXIT_RETRYABLE)
 
 
 class GracefulTermination:
@@ -184,26 +170,15 @@ class GracefulTermination:
     SIGTERM without a handler; this one is always installed.
     """
 
-    def __init__(self, grace_s: float = DEFAULT_GRACE_S, exit_code: int = EXIT_RETRYABLE) -> None:
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S) -> None:
         _positive("runtime.termination_grace_s", grace_s)
         self.grace_s = grace_s
-        self.exit_code = exit_code
-        self._requested = threading.Event()
-        self._requested_at: float | None = None
-        self._count = 0
+        # Set by the reader thread, read at batch ends: a single store, atomic under the GIL.
+        self.requested = False
         self._timer: threading.Timer | None = None
         self._pipe: tuple[int, int] | None = None
         self._reader: threading.Thread | None = None
         self._previous_handler: Callable[[int, FrameType | None], Any] | int = signal.SIG_DFL
-
-    @property
-    def requested(self) -> bool:
-        return self._requested.is_set()
-
-    @property
-    def requested_at(self) -> float | None:
-        """time.monotonic() of the first SIGTERM, or None."""
-        return self._requested_at
 
     def install(self) -> None:
         """Installs the handler; call from the main thread (Python's rule for signal handlers)."""
@@ -252,20 +227,18 @@ class GracefulTermination:
                     self._on_sigterm()
 
     def _on_sigterm(self) -> None:
-        self._count += 1
-        if self._count > 1:
-            _hard_exit(self.exit_code, "second SIGTERM: exiting now with retryable code %d", self.exit_code)
-        self._requested_at = time.monotonic()
-        self._requested.set()
+        if self.requested:  # the second SIGTERM
+            _hard_exit("second SIGTERM: exiting now with retryable code %d", EXIT_RETRYABLE)
+        self.requested = True
         log.warning("SIGTERM: saving a backup at the next batch end, then exiting with code %d "
-                    "(forced after %.0f s)", self.exit_code, self.grace_s)
+                    "(forced after %.0f s)", EXIT_RETRYABLE, self.grace_s)
         self._timer = threading.Timer(self.grace_s, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
     def _expire(self) -> None:
-        _hard_exit(self.exit_code, "no exit %.0f s after SIGTERM (backup not finished?): exiting now with "
-                   "retryable code %d", self.grace_s, self.exit_code)
+        _hard_exit("no exit %.0f s after SIGTERM (backup not finished?): exiting now with "
+                   "retryable code %d", self.grace_s, EXIT_RETRYABLE)
 
 
 def _leave_to_reader(signum: int, frame: FrameType | None) -> None:

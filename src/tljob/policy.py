@@ -57,9 +57,9 @@ def trim_history(history: list[dict], first_epoch: int) -> list[dict]:
     return [h for h in history if h["epoch"] <= first_epoch]
 
 
-def eta_seconds(history: list[dict], total_epochs: int) -> float:
-    """Seconds left: the mean duration of the last three epochs times the epochs still to run."""
-    done = [h for h in history if "seconds" in h]
-    if not done:
-        return 0.0
-    return sum(h["seconds"] for h in done[-3:]) / len(done[-3:]) * max(total_epochs - history[-1]["epoch"], 0)
+def eta_seconds(history: list[dict], total_epochs: int, epoch_s: float = 0.0) -> float:
+    """Seconds left after the newest record: the epochs still to run times the mean duration of the last three
+    recorded ones (`epoch_s` while none is)."""
+    timed = [h["seconds"] for h in history if "seconds" in h][-3:]
+    left = max(total_epochs - (history[-1]["epoch"] if history else 0), 0)
+    return (sum(timed) / len(timed) if timed else epoch_s) * left

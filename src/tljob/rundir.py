@@ -2,9 +2,9 @@
 typed records that the trainer writes and `tljob status` reads. No other module spells a run file's name
 (tests/test_rundir.py checks it); a new file is one line below. The layout itself: README "What a run writes".
 
-The chief writes into the run's local staging directory (RunFiles); `publish` copies it to the output, and
-readers (`tljob status`, a resumed run, `tljob predict`) read the output itself, local or gs://. No TensorFlow
-or matplotlib here: `tljob status` imports this module alone.
+The chief writes into the run's local staging directory (RunFiles), which mirrors the output and `publish`
+copies to it at the end; readers (`tljob status`, a resumed run, `tljob predict`) read the output itself, local
+or gs://. No TensorFlow or matplotlib here: `tljob status` imports this module alone.
 """
 
 from __future__ import annotations
@@ -155,15 +155,21 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class RunFiles:
-    """The run's files in its local staging directory `root`: read on every worker, written by the chief."""
+def write_json(path: Path, data: Any) -> None:
+    # storage's local writes are atomic: a reader or an upload never sees half a file.
+    storage.write_text(str(path), json.dumps(data, indent=1) + "\n")
 
-    def __init__(self, root: Path) -> None:
+
+class RunFiles(storage.Mirror):
+    """The run's files in its local staging directory `root` (read on every worker, written by the chief) and
+    their copy at `output`, which push, push_files and pull keep in step (storage.Mirror)."""
+
+    def __init__(self, root: Path, output: str) -> None:
+        super().__init__(str(root), output)
         self.root = root
 
     def write_json(self, name: str, data: Any) -> None:
-        # storage's local writes are atomic: a reader or an upload never sees half a file.
-        storage.write_text(str(self.root / name), json.dumps(data, indent=1) + "\n")
+        write_json(self.root / name, data)
 
     def _read_json(self, name: str, default: Any) -> Any:
         path = self.root / name
@@ -180,7 +186,7 @@ class RunFiles:
         return State(int(saved.get("attempts", 0)), tuple(saved.get("completed_phases", ())))
 
     def write_state(self, state: State) -> None:
-        self.write_json(STATE, {"attempts": state.attempts, "completed_phases": list(state.completed_phases)})
+        self.write_json(STATE, dataclasses.asdict(state))
 
     def write_status(self, status: Status) -> None:
         self.write_json(STATUS, dataclasses.asdict(status))
@@ -188,9 +194,9 @@ class RunFiles:
     def write_params(self, cfg: JobConfig) -> None:
         storage.write_text(str(self.root / PARAMS), config.to_yaml(cfg))
 
-    def publish(self, output: str) -> dict:
-        """Copies the staged run to `output` and writes SUCCESS last (storage.publish)."""
-        return storage.publish(str(self.root), output, marker=SUCCESS)
+    def publish(self) -> dict:
+        """Copies the staged run to the output and writes SUCCESS last (storage.publish)."""
+        return storage.publish(self.local_dir, self.remote, marker=SUCCESS)
 
 
 # --- reading a run where it is (local or gs://) ----------------------------------------------------------

@@ -1,9 +1,6 @@
-"""`tljob status RUN [--k8s JOB]`: where a run stands, for a person at a terminal.
-
-The run part needs only read access to the run directory (local or gs://): the chief rewrites
-``<run>/status.json`` after every epoch, and ``_SUCCESS`` marks a finished run. ``--k8s JOB`` adds
-the Job's and its pods' state from the Kubernetes API, through the kubeconfig ($KUBECONFIG or
-~/.kube/config) or the in-cluster service account.
+"""`tljob status RUN [--k8s JOB]`: where a run stands, for a person at a terminal: the run directory's
+status.json and _SUCCESS (read access is enough, local or gs://) and, with --k8s, the Job's and its pods'
+state from the Kubernetes API.
 
 Exit codes: 0 the state was shown; 2 (config) the run directory has neither status.json nor
 _SUCCESS (a wrong path, or a run before its first epoch), or --k8s found no Kubernetes configuration,

@@ -27,14 +27,14 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 import google_crc32c
 import requests
 from google.api_core import exceptions as gexc
-from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage as gcs
@@ -53,6 +53,7 @@ LARGE_FILE_BYTES = 32 * 2**20
 CHUNK_BYTES = 32 * 2**20
 # Transfers are network-bound, so threads beat processes (no pickling of clients or blobs).
 MAX_WORKERS = 8
+_THREADS = {"worker_type": transfer_manager.THREAD, "max_workers": MAX_WORKERS}
 # Local partial files (atomic writes, downloads in flight) carry this prefix and are never listed,
 # so a crash mid-write cannot leave a half file that a listing or a publish marker would count.
 _TMP_PREFIX = ".tljob-tmp-"
@@ -179,17 +180,13 @@ def _deadline_s() -> float:
     return value
 
 
-def _retry() -> Retry:
-    # Full-jitter backoff from 0.5 s keeps short outages cheap; the deadline bounds the whole
-    # operation, so a storage outage ends in exit 75 and a pod restart rather than a hang.
-    return DEFAULT_RETRY.with_delay(initial=0.5, maximum=30.0, multiplier=2.0).with_timeout(
-        _deadline_s()
-    )
-
-
-def _timeout() -> float:
-    """Per-request HTTP timeout: never longer than the whole operation may take."""
-    return min(60.0, _deadline_s())
+def _rpc() -> dict[str, Any]:
+    """The retry policy and per-request HTTP timeout of every call to GCS (its `retry=` and `timeout=`)."""
+    deadline = _deadline_s()
+    # Full-jitter backoff from 0.5 s keeps short outages cheap; the deadline bounds the whole operation, so a
+    # storage outage ends in exit 75 and a pod restart rather than a hang. No request outlasts the operation.
+    return {"retry": DEFAULT_RETRY.with_delay(initial=0.5, maximum=30.0, multiplier=2.0).with_timeout(deadline),
+            "timeout": min(60.0, deadline)}
 
 
 def _client() -> gcs.Client:
@@ -269,31 +266,19 @@ def _raise_first_failure(
         raise first
 
 
-def _run_parallel(
-    fn: Callable[[str], None], uris: list[str], action: str, *, writing: bool
-) -> None:
-    with concurrent.futures.ThreadPoolExecutor(MAX_WORKERS) as pool:
-        futures = [pool.submit(fn, uri) for uri in uris]
-    _raise_first_failure(uris, [f.exception() for f in futures], action, writing=writing)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checksums and local files
 
 
-def _crc32c_b64(checksum: google_crc32c.Checksum) -> str:
-    """Base64 of the big-endian CRC32C, the form GCS reports in object metadata."""
-    return base64.b64encode(checksum.digest()).decode("ascii")
-
-
 def _file_crc32c(path: str) -> str:
+    """Base64 of the file's big-endian CRC32C, the form GCS reports in object metadata."""
     # Hashed afresh every time: caching by (inode, size, mtime) is unsafe, because downloads set
     # mtime to the object's time and a freed inode is soon reused by the next file.
     checksum = google_crc32c.Checksum()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CRC_READ_BYTES), b""):
             checksum.update(block)
-    return _crc32c_b64(checksum)
+    return base64.b64encode(checksum.digest()).decode("ascii")
 
 
 def _local_listing(root: str) -> dict[str, int]:
@@ -346,29 +331,11 @@ def _local_matches(path: str, size: int, crc32c: str | Callable[[], str] | None)
     return _file_crc32c(path) == expected
 
 
-def _copy_tree(src: str, dst: str) -> int:
-    """Local-to-local sync, so Mirror and publish behave the same without GCS."""
-    listing = _local_listing(src)
-    todo = [
-        rel
-        for rel, size in listing.items()
-        if not _local_matches(
-            _inside(dst, rel), size, functools.partial(_file_crc32c, _inside(src, rel))
-        )
-    ]
-    for rel in todo:
-        source = _inside(src, rel)
-        _atomic_local(_inside(dst, rel), functools.partial(shutil.copyfile, source))
-    _LOG.info(
-        "copy %s -> %s: %d of %d files (%d bytes), %d unchanged",
-        src,
-        dst,
-        len(todo),
-        len(listing),
-        sum(listing[r] for r in todo),
-        len(listing) - len(todo),
-    )
-    return len(todo)
+def _log_transfer(verb: str, src: str, dst: str, sizes: dict[str, int], sent: Collection[str]) -> int:
+    """Logs a tree transfer of the files `sent` out of `sizes` (relative path -> bytes); returns how many."""
+    _LOG.info("%s %s -> %s: %d of %d files (%d bytes), %d unchanged", verb, src, dst, len(sent), len(sizes),
+              sum(sizes[rel] for rel in sent), len(sizes) - len(sent))
+    return len(sent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,15 +357,10 @@ def _remote_listing(uri: str, *, writing: bool = False) -> dict[str, _RemoteObje
     bucket, key = _split_gs(uri)
     prefix = _dir_prefix(key)
     with _gcs_errors(uri, "list", writing=writing):
-        blobs = list(
-            _client().list_blobs(bucket, prefix=prefix, retry=_retry(), timeout=_timeout())
-        )
+        blobs = list(_client().list_blobs(bucket, prefix=prefix, **_rpc()))
     # Names ending in '/' are folder placeholders made by consoles, not files.
-    listing = {
-        b.name[len(prefix) :]: _RemoteObject(int(b.size or 0), b.crc32c, b)
-        for b in blobs
-        if not b.name.endswith("/")
-    }
+    listing = {b.name[len(prefix):]: _RemoteObject(int(b.size or 0), b.crc32c, b)
+               for b in blobs if not b.name.endswith("/")}
     return dict(sorted(listing.items()))
 
 
@@ -423,14 +385,11 @@ def exists(path: str) -> bool:
     bucket = _client().bucket(bucket_name)
     with _gcs_errors(path, "check", writing=False):
         if not key:
-            return bool(bucket.exists(retry=_retry(), timeout=_timeout()))
-        if bucket.blob(key).exists(retry=_retry(), timeout=_timeout()):
+            return bool(bucket.exists(**_rpc()))
+        if bucket.blob(key).exists(**_rpc()):
             return True
         try:
-            page = bucket.list_blobs(
-                prefix=f"{key}/", max_results=1, retry=_retry(), timeout=_timeout()
-            )
-            return any(True for _ in page)
+            return any(True for _ in bucket.list_blobs(prefix=f"{key}/", max_results=1, **_rpc()))
         except gexc.NotFound:
             return False  # the bucket itself is missing
 
@@ -440,7 +399,7 @@ def is_file(path: str) -> bool:
     if not is_remote(path):
         return os.path.isfile(local_path(path))
     with _gcs_errors(path, "check", writing=False):
-        return bool(_blob(path).exists(retry=_retry(), timeout=_timeout()))
+        return bool(_blob(path).exists(**_rpc()))
 
 
 def read_bytes(path: str) -> bytes:
@@ -449,7 +408,7 @@ def read_bytes(path: str) -> bytes:
         with open(local_path(path), "rb") as f:
             return f.read()
     with _gcs_errors(path, "read", writing=False):
-        return _blob(path).download_as_bytes(retry=_retry(), timeout=_timeout(), checksum="crc32c")
+        return _blob(path).download_as_bytes(checksum="crc32c", **_rpc())
 
 
 def read_text(path: str) -> str:
@@ -462,9 +421,7 @@ def _write(path: str, data: bytes, content_type: str) -> None:
         return
     # One upload request: GCS makes the object visible only when it is complete.
     with _gcs_errors(path, "write", writing=True):
-        _blob(path).upload_from_string(
-            data, content_type=content_type, retry=_retry(), timeout=_timeout(), checksum="crc32c"
-        )
+        _blob(path).upload_from_string(data, content_type=content_type, checksum="crc32c", **_rpc())
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -476,18 +433,10 @@ def write_text(path: str, text: str) -> None:
     _write(path, text.encode("utf-8"), "text/plain; charset=utf-8")
 
 
-def _remove_file(path: str) -> None:
-    if not is_remote(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(local_path(path))
-        return
-    _delete_object(path)
-
-
 def _delete_object(uri: str) -> None:
     # Already gone is fine: an earlier attempt may have deleted it and lost the answer.
     with _gcs_errors(uri, "delete", writing=True), contextlib.suppress(gexc.NotFound):
-        _blob(uri).delete(retry=_retry(), timeout=_timeout())
+        _blob(uri).delete(**_rpc())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,88 +463,60 @@ def remove_tree(path: str) -> None:
     uris = [join(path, rel) for rel in _remote_listing(path)]
     if _split_gs(path)[1]:
         uris.append(path.rstrip("/"))
-    _run_parallel(_delete_object, uris, "delete", writing=True)
+    with concurrent.futures.ThreadPoolExecutor(MAX_WORKERS) as pool:
+        futures = [pool.submit(_delete_object, uri) for uri in uris]
+    _raise_first_failure(uris, [f.exception() for f in futures], "delete", writing=True)
     _LOG.info("removed %s: %d objects", path, len(uris))
 
 
-def _chunked_upload_supported() -> bool:
-    # gcp-storage-emulator answers the XML multipart-upload API with 501 (checked on 2026.7.19),
-    # so against an emulator large files take the resumable upload, which it implements.
-    return not os.environ.get(_EMULATOR_ENV)
-
-
-def _upload(local_dir: str, uri: str, skip: frozenset[str] = frozenset(),
-            last: frozenset[str] = frozenset()) -> int:
+def upload_tree(local_dir: str, uri: str, *, last: frozenset[str] = frozenset(),
+                skip: frozenset[str] = frozenset()) -> int:
+    """Copy local_dir's files but those named in `skip` to `uri` (gs:// or local), skipping those whose size and
+    CRC32C already match there; returns how many were sent (none from a missing local_dir). Files whose base name
+    is in `last` (an index that points at the others) go once the rest is there, so a process killed mid-upload
+    leaves the previous index, whose files a sync never deletes, not one pointing nowhere.
+    """
     src = local_path(local_dir)
-    if not is_remote(uri):
-        return _copy_tree(src, local_path(uri))
     local = {rel: size for rel, size in _local_listing(src).items() if rel not in skip}
-    remote = _remote_listing(uri, writing=True) if local else {}
-    todo = [
-        rel
-        for rel, size in local.items()
-        if not (
-            rel in remote
-            and remote[rel].size == size
-            and remote[rel].crc32c == _file_crc32c(_inside(src, rel))
-        )
-    ]
-    bucket_name, key = _split_gs(uri)
-    bucket = _client().bucket(bucket_name)
-    chunking = _chunked_upload_supported()
-    # Files named in `last` (an index that points at the others) go only once the rest is up, so a process
-    # killed mid-upload leaves the previous index, whose files a sync never deletes, not one pointing nowhere.
+    if is_remote(uri):
+        remote = _remote_listing(uri, writing=True) if local else {}
+        todo = [rel for rel in local
+                if not (rel in remote and _local_matches(_inside(src, rel), remote[rel].size, remote[rel].crc32c))]
+    else:
+        dst = local_path(uri)
+        todo = [rel for rel, size in local.items()
+                if not _local_matches(_inside(dst, rel), size, functools.partial(_file_crc32c, _inside(src, rel)))]
     for group in ([r for r in todo if posixpath.basename(r) not in last],
                   [r for r in todo if posixpath.basename(r) in last]):
-        chunked = [rel for rel in group if chunking and local[rel] > LARGE_FILE_BYTES]
-        whole = [rel for rel in group if rel not in chunked]
-        results = transfer_manager.upload_many(
-            [(_inside(src, rel), bucket.blob(_dir_prefix(key) + rel)) for rel in whole],
-            upload_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": "crc32c"},
-            worker_type=transfer_manager.THREAD,
-            max_workers=MAX_WORKERS,
-            raise_exception=False,
-        )
-        _raise_first_failure([join(uri, rel) for rel in whole], results, "upload", writing=True)
-        for rel in chunked:
-            with _gcs_errors(join(uri, rel), "upload", writing=True):
-                transfer_manager.upload_chunks_concurrently(
-                    _inside(src, rel),
-                    bucket.blob(_dir_prefix(key) + rel),
-                    chunk_size=CHUNK_BYTES,
-                    worker_type=transfer_manager.THREAD,
-                    max_workers=MAX_WORKERS,
-                    retry=_retry(),
-                    timeout=_timeout(),
-                )
-    _LOG.info(
-        "upload %s -> %s: %d of %d files (%d bytes), %d unchanged",
-        src,
-        uri,
-        len(todo),
-        len(local),
-        sum(local[r] for r in todo),
-        len(local) - len(todo),
-    )
-    return len(todo)
+        if is_remote(uri):
+            _upload_files(src, uri, {rel: local[rel] for rel in group})
+        else:
+            for rel in group:
+                _atomic_local(_inside(dst, rel), functools.partial(shutil.copyfile, _inside(src, rel)))
+    return _log_transfer("upload" if is_remote(uri) else "copy", src, uri, local, todo)
 
 
-def upload_tree(local_dir: str, uri: str, last: frozenset[str] = frozenset()) -> int:
-    """Copy local_dir's files to `uri`, skipping those whose size and CRC32C already match there; files
-    whose base name is in `last` are sent after all the others.
-
-    Returns how many files were sent. A missing local_dir sends nothing.
-    """
-    return _upload(local_dir, uri, last=last)
+def _upload_files(src: str, uri: str, sizes: dict[str, int]) -> None:
+    """Uploads the files `sizes` names (relative to `src`) under `uri`: large ones in concurrent chunks."""
+    bucket_name, key = _split_gs(uri)
+    bucket = _client().bucket(bucket_name)
+    # gcp-storage-emulator answers the XML multipart-upload API with 501 (checked on 2026.7.19), so against an
+    # emulator large files take the resumable upload, which it implements.
+    chunked = [rel for rel, size in sizes.items() if size > LARGE_FILE_BYTES and not os.environ.get(_EMULATOR_ENV)]
+    whole = [rel for rel in sizes if rel not in chunked]
+    results = transfer_manager.upload_many(
+        [(_inside(src, rel), bucket.blob(_dir_prefix(key) + rel)) for rel in whole],
+        upload_kwargs={**_rpc(), "checksum": "crc32c"}, raise_exception=False, **_THREADS)
+    _raise_first_failure([join(uri, rel) for rel in whole], results, "upload", writing=True)
+    for rel in chunked:
+        with _gcs_errors(join(uri, rel), "upload", writing=True):
+            transfer_manager.upload_chunks_concurrently(
+                _inside(src, rel), bucket.blob(_dir_prefix(key) + rel), chunk_size=CHUNK_BYTES, **_rpc(), **_THREADS)
 
 
 def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> int:
     """Fetch `objects` (name under `uri` -> listing entry) into `dst`, verified, atomically."""
-    todo = {
-        rel: obj
-        for rel, obj in objects.items()
-        if not _local_matches(_inside(dst, rel), obj.size, obj.crc32c)
-    }
+    todo = {rel: obj for rel, obj in objects.items() if not _local_matches(_inside(dst, rel), obj.size, obj.crc32c)}
     temps = {rel: _temp_path_beside(_inside(dst, rel)) for rel in todo}
     try:
         whole = [rel for rel, obj in todo.items() if obj.size <= LARGE_FILE_BYTES]
@@ -603,44 +524,23 @@ def _download_objects(uri: str, objects: dict[str, _RemoteObject], dst: str) -> 
         # CRC32C is checked below against the listing, the same way for whole and chunked files.
         results = transfer_manager.download_many(
             [(todo[rel].blob, temps[rel]) for rel in whole],
-            download_kwargs={"retry": _retry(), "timeout": _timeout(), "checksum": None},
-            worker_type=transfer_manager.THREAD,
-            max_workers=MAX_WORKERS,
-            raise_exception=False,
-        )
+            download_kwargs={**_rpc(), "checksum": None}, raise_exception=False, **_THREADS)
         _raise_first_failure([join(uri, rel) for rel in whole], results, "download", writing=False)
         for rel in chunked:
             with _gcs_errors(join(uri, rel), "download", writing=False):
                 transfer_manager.download_chunks_concurrently(
-                    todo[rel].blob,
-                    temps[rel],
-                    chunk_size=CHUNK_BYTES,
-                    download_kwargs={"retry": _retry(), "timeout": _timeout()},
-                    worker_type=transfer_manager.THREAD,
-                    max_workers=MAX_WORKERS,
-                    crc32c_checksum=False,
-                )
+                    todo[rel].blob, temps[rel], chunk_size=CHUNK_BYTES, crc32c_checksum=False,
+                    download_kwargs=_rpc(), **_THREADS)
         for rel, obj in todo.items():
             if not _local_matches(temps[rel], obj.size, obj.crc32c):
-                raise RetryableError(
-                    f"download of {join(uri, rel)} does not match its size {obj.size} and "
-                    f"CRC32C {obj.crc32c}; the network corrupted it, try again"
-                )
+                raise RetryableError(f"download of {join(uri, rel)} does not match its size {obj.size} and CRC32C "
+                                     f"{obj.crc32c}; the network corrupted it, try again")
             os.replace(temps[rel], _inside(dst, rel))
     finally:
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    _LOG.info(
-        "download %s -> %s: %d of %d files (%d bytes), %d unchanged",
-        uri,
-        dst,
-        len(todo),
-        len(objects),
-        sum(o.size for o in todo.values()),
-        len(objects) - len(todo),
-    )
-    return len(todo)
+    return _log_transfer("download", uri, dst, {rel: obj.size for rel, obj in objects.items()}, todo)
 
 
 def download_tree(uri: str, local_dir: str) -> int:
@@ -648,10 +548,15 @@ def download_tree(uri: str, local_dir: str) -> int:
 
     Returns how many files were fetched; an absent prefix fetches nothing.
     """
-    dst = local_path(local_dir)
     if not is_remote(uri):
-        return _copy_tree(local_path(uri), dst)
-    return _download_objects(uri, _remote_listing(uri), dst)
+        return upload_tree(uri, local_dir)  # a local copy
+    return _download_objects(uri, _remote_listing(uri), local_path(local_dir))
+
+
+def _staged(cache_dir: str, bucket: str, key: str) -> str:
+    """cache_dir/BUCKET/KEY: where gs://BUCKET/KEY is staged."""
+    root = os.path.join(local_path(cache_dir), bucket)
+    return _inside(root, key) if key else root
 
 
 def stage_input(uri: str, cache_dir: str) -> str:
@@ -663,22 +568,17 @@ def stage_input(uri: str, cache_dir: str) -> str:
     if not is_remote(uri):
         return local_path(uri)
     bucket, key = _split_gs(uri)
-    root = os.path.join(local_path(cache_dir), bucket)
-    target = _inside(root, key) if key else root
+    target = _staged(cache_dir, bucket, key)
     objects = _remote_listing(uri)
     if objects:
         _download_objects(uri, objects, target)
         return target
     if not key or uri.endswith("/"):
-        raise ConfigError(
-            f"input folder {uri} holds no objects. Fix: correct the URI or upload the data"
-        )
+        raise ConfigError(f"input folder {uri} holds no objects. Fix: correct the URI or upload the data")
     with _gcs_errors(uri, "stage", writing=False):
-        blob = _client().bucket(bucket).get_blob(key, retry=_retry(), timeout=_timeout())
+        blob = _client().bucket(bucket).get_blob(key, **_rpc())
     if blob is None:
-        raise ConfigError(
-            f"input {uri} does not exist (no object, no folder). Fix: correct the URI"
-        )
+        raise ConfigError(f"input {uri} does not exist (no object, no folder). Fix: correct the URI")
     single = {posixpath.basename(key): _RemoteObject(int(blob.size or 0), blob.crc32c, blob)}
     _download_objects(posixpath.dirname(uri), single, os.path.dirname(target))
     return target
@@ -692,11 +592,8 @@ def stage_matching(pattern: str, cache_dir: str) -> list[str]:
     cache_dir/BUCKET/PATH, in one parallel, checksummed transfer; local matches come back as they are.
     """
     if not is_remote(pattern):
-        return sorted(
-            p
-            for p in globlib.glob(local_path(pattern))
-            if os.path.isfile(p) and not os.path.basename(p).startswith(_TMP_PREFIX)
-        )
+        return sorted(p for p in globlib.glob(local_path(pattern))
+                      if os.path.isfile(p) and not os.path.basename(p).startswith(_TMP_PREFIX))
     bucket, key = _split_gs(pattern)
     segments = key.split("/")
     # List from the deepest folder without wildcards: the fewest objects that can match.
@@ -704,14 +601,9 @@ def stage_matching(pattern: str, cache_dir: str) -> list[str]:
     base_key = "/".join(segments[:fixed])
     base = f"gs://{bucket}/{base_key}" if base_key else f"gs://{bucket}"
     wanted = segments[fixed:]
-    objects = {
-        rel: obj
-        for rel, obj in _remote_listing(base).items()
-        if len(rel.split("/")) == len(wanted)
-        and all(map(_segment_matches, rel.split("/"), wanted))
-    }
-    root = os.path.join(local_path(cache_dir), bucket)
-    target = _inside(root, base_key) if base_key else root
+    objects = {rel: obj for rel, obj in _remote_listing(base).items()
+               if len(rel.split("/")) == len(wanted) and all(map(_segment_matches, rel.split("/"), wanted))}
+    target = _staged(cache_dir, bucket, base_key)
     if objects:
         _download_objects(base, objects, target)
     return [_inside(target, rel) for rel in objects]
@@ -749,21 +641,18 @@ def publish(local_dir: str, output: str, marker: str) -> dict[str, dict[str, Fil
     unfinished, so a crash at any point leaves no false success; calling again completes it.
     """
     marker_path = join(output, marker)
-    _remove_file(marker_path)
+    if is_remote(output):
+        _delete_object(marker_path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(local_path(marker_path))
     if is_remote(output) or not _same_local_dir(local_dir, output):
         # A marker inside local_dir (from an earlier publish in place) must not go out early.
-        _upload(local_dir, output, skip=frozenset({marker}))
+        upload_tree(local_dir, output, skip=frozenset({marker}))
     listing = {rel: v for rel, v in _listing_with_crc(output).items() if rel != marker}
-    document: dict[str, dict[str, FileEntry]] = {
-        "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in listing.items()}
-    }
+    document = {"files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in listing.items()}}
     write_text(marker_path, json.dumps(document, indent=2, sort_keys=True) + "\n")
-    _LOG.info(
-        "published %s: %d files, %d bytes",
-        output,
-        len(listing),
-        sum(s for s, _ in listing.values()),
-    )
+    _LOG.info("published %s: %d files, %d bytes", output, len(listing), sum(s for s, _ in listing.values()))
     return document
 
 
@@ -785,13 +674,12 @@ class Mirror:
             return 0
         return upload_tree(join(self.local_dir, subdir), join(self.remote, subdir), last=last)
 
-    def push_file(self, name: str) -> None:
-        """Upload one small file (history, status) as a single object write."""
+    def push_files(self, *names: str) -> None:
+        """Upload small files (history, status), each as a single object write."""
         if not self._same:
-            write_bytes(join(self.remote, name), read_bytes(join(self.local_dir, name)))
+            for name in names:
+                write_bytes(join(self.remote, name), read_bytes(join(self.local_dir, name)))
 
-    def pull(self, subdir: str = "") -> int:
-        """Download remote/subdir into local_dir/subdir; returns files fetched."""
-        if self._same:
-            return 0
-        return download_tree(join(self.remote, subdir), join(self.local_dir, subdir))
+    def pull(self) -> int:
+        """Download remote into local_dir; returns files fetched."""
+        return 0 if self._same else download_tree(self.remote, self.local_dir)

@@ -1,11 +1,8 @@
 """What a run is: the two phases, resume, and publishing the result (the callbacks: tljob.callbacks).
 
 Runs on every worker. All workers execute the same program (the collectives need it); only the chief
-writes the run's files. Non-chief workers write what the collectives force them to write (backups,
-exports) into temporary directories that are removed again.
-
-The run directory (its files: tljob.rundir) is staged locally and, for a gs:// `output`, mirrored from the
-staging directory.
+writes the run's files (rundir.RunFiles: staged locally, mirrored to a gs:// `output`), the others what the
+collectives force them to write, in scratch folders (cluster.worker_write_dir).
 """
 
 from __future__ import annotations
@@ -90,7 +87,6 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     if cfg.output is None:
         raise ValueError("run() needs cfg.output; cli.py sets it")  # programming error, not user input
     spec = cluster.resolve_cluster(os.environ)
-    log.debug("cluster: %s", spec.describe())  # resolve_cluster logs it
     storage.preflight(cfg.output)
     if rundir.is_finished(cfg.output):
         log.info("run %s is already finished (%s exists): not retraining", cfg.output, rundir.SUCCESS)
@@ -102,7 +98,7 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
     # Created before anything else touches TensorFlow's runtime: it configures the runtime's collectives.
     strategy = cluster.create_strategy(spec, cfg.runtime.strategy, cfg.runtime.communication,
                                        cfg.runtime.collective_timeout_s)
-    replicas = cluster.num_replicas(strategy)
+    replicas = int(strategy.num_replicas_in_sync)
     ctx = RunContext(
         cfg=cfg,
         spec=spec,
@@ -110,7 +106,7 @@ def run(cfg: JobConfig, layout: RunLayout) -> int:
         # Each replica takes data.batch_size examples per step; the step's gradient averages all of them.
         global_batch=cfg.data.batch_size * replicas,
         staging=staging_dir(cfg.output, cfg.runtime.staging_dir, spec.task_index),
-        is_chief=cluster.is_chief(strategy),
+        is_chief=spec.is_chief,
         layout=layout,
     )
     log.info("role=%s task_index=%d workers=%d replicas=%d chief=%s global_batch=%d staging=%s",
@@ -144,8 +140,7 @@ class Trainer:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.strategy = strategy
-        self.mirror = storage.Mirror(str(ctx.staging), self.cfg.output)
-        self.files = rundir.RunFiles(ctx.staging)
+        self.files = rundir.RunFiles(ctx.staging, self.cfg.output or "")
         self.history: list[dict] = []
         self.attempt = 1
         self.started_at = rundir.now()
@@ -161,18 +156,10 @@ class Trainer:
     def _path(self, *parts: str) -> Path:
         return self.ctx.staging.joinpath(*parts)
 
-    def _write_dir(self, *parts: str) -> Path:
-        """Where this worker writes what every worker must write (the chief's path, or a temp one)."""
-        return Path(cluster.worker_write_dir(str(self._path(*parts)), self.strategy))
-
-    def _cleanup_worker_dir(self, written: Path, *parts: str) -> None:
-        if written != self._path(*parts):
-            shutil.rmtree(written.parent)  # the worker's own scratch folder
-
     def _push_backup(self) -> None:
         if self.ctx.is_chief:
             # tf.train.CheckpointManager's index last: a kill mid-upload leaves the bucket's previous backup whole.
-            self._upload("backup", lambda: self.mirror.push(self.ctx.layout.backup, last=CHECKPOINT_INDEX))
+            self._upload("backup", lambda: self.files.push(self.ctx.layout.backup, last=CHECKPOINT_INDEX))
 
     def _upload(self, what: str, push: Callable[[], object]) -> None:
         """Chief only: a transfer to the output. A local stage for the watchdog: storage retries end in
@@ -185,7 +172,7 @@ class Trainer:
     def _restore_state(self) -> list[str]:
         """Brings the bucket's copy of an unfinished run to local disk; returns the finished phases."""
         self.ctx.staging.mkdir(parents=True, exist_ok=True)
-        self.mirror.pull()
+        self.files.pull()
         self.history = self.files.history()
         state = self.files.state()
         self.attempt = state.attempts + 1
@@ -203,7 +190,7 @@ class Trainer:
         done.append(phase)
         if self.ctx.is_chief:
             self.files.write_state(rundir.State(self.attempt, tuple(done)))
-            self._upload("the run's state", self.mirror.push)
+            self._upload("the run's state", self.files.push)
 
     def on_epoch_recorded(self, record: dict) -> None:
         metrics = {k: record[k] for k in rundir.METRIC_KEYS if k in record}
@@ -215,8 +202,7 @@ class Trainer:
             return
         self.files.write_history(self.history)
         self._write_status("running", eta)
-        self._upload("history and status", lambda: (self.mirror.push_file(rundir.HISTORY),
-                                                    self.mirror.push_file(rundir.STATUS)))
+        self._upload("history and status", lambda: self.files.push_files(rundir.HISTORY, rundir.STATUS))
 
     def _write_status(self, state: str, eta_s: float) -> None:
         self.files.write_status(rundir.Status.after(
@@ -260,8 +246,7 @@ class Trainer:
             # After the model build: its collectives are reached by every worker only once it has pulled the run,
             # so no upload here changes a file under another worker's download.
             self.files.write_params(self.cfg)
-            self.mirror.push_file(rundir.PARAMS)
-            self.mirror.push_file(rundir.STATE)
+            self.files.push_files(rundir.PARAMS, rundir.STATE)
         for phase in PHASES:
             phase_cfg = getattr(self.cfg.train, phase)
             ckpt = self._path(rundir.CHECKPOINTS, f"{phase}.weights.h5")
@@ -336,7 +321,7 @@ class Trainer:
             stop=faults.StopCheck(self.termination, self.agree, faults.calls_between_checks(
                 self.cfg.train.steps_per_execution, ctx.spec.num_workers)),
             tensorboard_dir=str(self._path(logs, phase)) if ctx.is_chief else None,
-            sync_logs=(lambda: self.mirror.push(logs)) if chief_remote else None, log_sync_s=runtime.log_sync_s)
+            sync_logs=(lambda: self.files.push(logs)) if chief_remote else None, log_sync_s=runtime.log_sync_s)
         fit_model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=start, steps_per_epoch=steps,
                       validation_steps=self.cfg.train.validation_steps, callbacks=fit_callbacks, verbose=0)
 
@@ -362,7 +347,7 @@ class Trainer:
         with self.strategy.scope():  # no variables of its own, but compile's optimizer is made for it
             fit_model = fastval.FeatureModel(top, [shape for shape, _ in fastval.boundary_shapes(bottom, image_shape)],
                                              name=f"{model.name}_{phase}_top")
-        share = cluster.worker_share(self.strategy)
+        share = cluster.worker_share(self.ctx.spec)
         features, labels = fastval.compute_features(
             model, bottom, data.share_batches(ds.train, batch, share), image_shape=image_shape,
             total_batches=-(-ds.train.num_examples // (batch * share[0])), what=f"training images (share {share[1] + 1} "
@@ -397,11 +382,12 @@ class Trainer:
 
     def _save_phase_weights(self, model: tf.keras.Model, phase: str) -> None:
         # Every worker saves (under a multi-worker strategy a save may run collectives that all must join);
-        # non-chiefs to a temp dir.
-        target = self._write_dir(rundir.CHECKPOINTS)
+        # non-chiefs to a scratch folder of their own (cluster.worker_write_dir), removed again.
+        target = Path(cluster.worker_write_dir(str(self._path(rundir.CHECKPOINTS)), self.ctx.spec))
         target.mkdir(parents=True, exist_ok=True)
         model.save_weights(str(target / f"{phase}.weights.h5"))
-        self._cleanup_worker_dir(target, rundir.CHECKPOINTS)
+        if not self.ctx.is_chief:
+            shutil.rmtree(target.parent)
 
     def _finish(self, model: tf.keras.Model, ds: data.Dataset) -> int:
         workers = self.ctx.spec.num_workers
@@ -428,7 +414,7 @@ class Trainer:
         with self.watchdog.working("publish", collectives=False):
             # Backups were uploaded during the run; syncs never delete, so drop the bucket's copy here.
             storage.remove_tree(storage.join(self.cfg.output or "", self.ctx.layout.backup))
-            listing = self.files.publish(self.cfg.output or "")
+            listing = self.files.publish()
         log.info("published %d files to %s", len(listing["files"]), self.cfg.output)
         return EXIT_OK
 
@@ -472,12 +458,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         # The phases' own backups are gone (BackupAndRestore deletes them); drop the empty parent too.
         shutil.rmtree(self._path(self.ctx.layout.backup), ignore_errors=True)
-        by_phase = {}
-        for phase in PHASES:
-            recs = [h for h in self.history if h["phase"] == phase]
-            if recs:
-                # The last epoch's validation ran on the phase's final weights: no second evaluation.
-                by_phase[phase] = {k: v for k, v in recs[-1].items() if k.startswith("val_")}
+        # Each phase's last epoch: its validation ran on the phase's final weights, so no second evaluation.
+        last = {h["phase"]: h for h in self.history}
+        by_phase = {p: {k: v for k, v in last[p].items() if k.startswith("val_")} for p in PHASES if p in last}
         ips = [h["images_per_second"] for h in self.history]
         metrics = {
             "phases": by_phase,
