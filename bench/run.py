@@ -157,11 +157,13 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values), "runs": values}
 
 
-def floor_section(mode: Mode) -> dict[str, Any]:
-    """The bare model's training step in each phase (bench/precision.py, float32, random data in memory, no
-    input pipeline, no callbacks): the limit of this computation on this machine."""
+def floor_section(mode: Mode, weights: str) -> dict[str, Any]:
+    """The bare model's training step in each phase (bench/precision.py, float32, the recipe's weights, one batch
+    repeated from memory: no input pipeline, no augmentation, no callbacks of tljob's): the limit of this
+    computation on this machine."""
     result = procs.run(["-m", "bench.precision", "--child", "float32", "--image-size", str(mode.image_size),
-                        "--alpha", str(mode.alpha)], timeout_s=mode.timeout_s, what="bare model step (floor)")
+                        "--alpha", str(mode.alpha), *(["--weights", weights] if weights != "none" else [])],
+                       timeout_s=mode.timeout_s, what="bare model step (floor)")
     measured = procs.first(result.events, "result")["result"]
     return {"feature_extraction": measured["frozen_train_ms"], "fine_tuning": measured["fine_tune_train_ms"],
             "predict": measured["predict_ms"]}
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             results["val_accuracy_spread"] = recipe["val_accuracy_spread"]
             results["recipe"] = recipe
         if "floor" in sections:
-            results["floor_step_ms"] = floor_section(mode)
+            results["floor_step_ms"] = floor_section(mode, weights)
             if "recipe" in results:
                 results["step_over_floor"] = step_over_floor(results["recipe"]["median"], results["floor_step_ms"])
         results["peak_memory_mb"] = peak_memory(results, data, mode)

@@ -161,6 +161,9 @@ def test_an_installed_wheel_renders_the_checked_in_set(tmp_path: Path) -> None:
     which = subprocess.run([sys.executable, "-c", "import tljob; print(tljob.__file__)"], cwd=elsewhere, env=env,
                            capture_output=True, text=True, check=True, timeout=60)
     assert Path(which.stdout.strip()).is_relative_to(site), "the test ran another tljob than the wheel's"
+    # The recipe's faster and GPU variants ship beside it (an image's users can name them without a mount).
+    for name in ("cats_vs_dogs.yaml", "cats_vs_dogs_fast.yaml", "cats_vs_dogs_gpu.yaml"):
+        assert (site / "tljob" / "job" / name).read_bytes() == (ROOT / "job" / name).read_bytes(), name
     result = subprocess.run([sys.executable, "-m", "tljob.cli", "manifests", "-o", "out"], cwd=elsewhere, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

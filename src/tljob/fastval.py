@@ -314,7 +314,7 @@ class ConstantPart:
 
     def __init__(self, bottom: Graph, strategy: tf.distribute.Strategy, image_shape: Sequence[int],
                  image_dtype: tf.DType):
-        self.bottom, self.strategy = bottom, strategy
+        self.strategy = strategy
         self.fn = tf.function(lambda images: run_graph(bottom, [tf.cast(images, tf.float32)]),
                               input_signature=[tf.TensorSpec([None, *image_shape], image_dtype)])
 
