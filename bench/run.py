@@ -151,10 +151,12 @@ def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Pat
 
 
 def spread(values: list[float | None]) -> dict[str, Any]:
-    """Median, range and every value: accuracy over seeds, not one lucky draw."""
+    """Median, range and every value: accuracy over seeds, not one lucky draw. Rounded as median_summary rounds,
+    so a one-seed run's spread and its median agree."""
     if not values or any(v is None for v in values):
         return {"runs": values}
-    return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values), "runs": values}
+    runs = [round(v, 4) for v in values]
+    return {"median": round(statistics.median(values), 4), "min": min(runs), "max": max(runs), "runs": runs}
 
 
 def floor_section(mode: Mode, weights: str) -> dict[str, Any]:

@@ -78,6 +78,14 @@ def test_issue_16_checks_fast_config_floor_and_memory() -> None:
     assert report.acceptance(results)["fast_val_accuracy_median"]["pass"] is False
 
 
+def test_spread_rounds_runs_as_the_median_is_rounded() -> None:
+    # Keras reports float32 accuracies (0.9737499952...); a one-seed spread must equal the summary's median.
+    assert run.spread([0.53125]) == {"median": 0.5312, "min": 0.5312, "max": 0.5312, "runs": [0.5312]}
+    assert run.spread([0.97374999, 0.98, 0.9712]) == {"median": 0.9737, "min": 0.9712, "max": 0.98,
+                                                       "runs": [0.9737, 0.98, 0.9712]}
+    assert run.spread([0.9, None]) == {"runs": [0.9, None]}
+
+
 def test_step_over_floor_leaves_out_phases_without_an_image_step() -> None:
     median = {"tutorial": {}, "tljob": {"phases": {"feature_extraction": {"step_ms_median": 176.0},
                                                    "fine_tuning": {"step_ms_median": 330.0}}},
