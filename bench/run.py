@@ -5,7 +5,8 @@ Sections (bench/README.md says what each measures and why):
      image_dataset_from_directory(...).prefetch vs the decode ceiling;
   2. the full recipe end to end: bench/tutorial_baseline.py, tljob (job/cats_vs_dogs.yaml) and tljob's fast
      config (job/cats_vs_dogs_fast.yaml), alternated, `--repeats` rounds; and the floor: the bare model's
-     step time (bench/precision.py) in each phase, which tljob's median step is compared with;
+     step time (bench/precision.py) in each phase, measured in each round, which tljob's median step is
+     compared with;
   3. multi-worker: 2 workers pinned one core each vs 1 worker pinned to one core (weak scaling), and the
      all-reduce time of each phase's gradients, alternated, `--repeats` rounds;
   4. job costs: time to the first training step, backup share of an epoch, publishing to a GCS emulator.
@@ -107,9 +108,11 @@ def pipeline_section(mode: Mode, data: Path) -> dict[str, Any]:
 
 
 def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Path,
-                   who: tuple[str, ...], first_seed: int = 1) -> dict[str, Any]:
+                   who: tuple[str, ...], first_seed: int = 1, with_floor: bool = False) -> dict[str, Any]:
     """Runs the tutorial's code and each tljob config in `who` ("tljob", "fast") in turn, `repeats` rounds; `keep`
-    receives the last tljob run directory (for publishing).
+    receives the last tljob run directory (for publishing). `with_floor`: the bare model's step (floor_section)
+    too, in each round just before tljob's runs: this machine's speed drifts by tens of percent within minutes,
+    so a step compares only with a floor measured beside it (bench/README.md, "The limit").
 
     Each tljob run has its own seed (round i: seed first_seed + i), as each run of the tutorial's code draws its
     own: with one fixed seed, tljob's runs would differ only by thread timing, and its accuracy would be one
@@ -121,10 +124,13 @@ def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Pat
                 "--initial-epochs", str(mode.epochs), "--fine-tune-epochs", str(mode.epochs)]
     runs: dict[str, list[dict[str, Any]]] = {"tutorial": [], **{w: [] for w in who}}
     backups: list[dict[str, Any]] = []
+    floors: list[dict[str, float]] = []
     for i in range(repeats):
         result = procs.run(baseline, timeout_s=mode.timeout_s, what=f"tutorial recipe #{i + 1}",
                            env={"TF_USE_LEGACY_KERAS": "0"})
         runs["tutorial"].append({**procs.recipe_summary(result, n_train, PHASES), "load": procs.load()})
+        if with_floor:
+            floors.append(floor_section(mode, weights))
         for w in who:
             with tempfile.TemporaryDirectory(prefix="bench-tljob-") as tmp:
                 run_dir = Path(tmp) / "run"
@@ -138,7 +144,7 @@ def recipe_section(mode: Mode, data: Path, weights: str, repeats: int, keep: Pat
                             "load": procs.load()})
             if w == "tljob":
                 backups.append(backup_share(result.events))
-    out: dict[str, Any] = {"train_images": n_train, "runs": runs,
+    out: dict[str, Any] = {"train_images": n_train, "runs": runs, "floors": floors,
                            "median": {w: median_summary(rs) for w, rs in runs.items()}, "backups": backups,
                            "val_accuracy_spread": {w: spread([r["phases"]["fine_tuning"]["val_accuracy"] for r in rs])
                                                    for w, rs in runs.items()}}
@@ -254,16 +260,23 @@ def publish_section(mode: Mode, run_dir: Path) -> dict[str, Any]:
     return procs.first(result.events, "result")["result"]
 
 
-def step_over_floor(median: dict[str, Any], floor: dict[str, float]) -> dict[str, Any]:
-    """Per phase: each tljob config's median training step over the bare model's step (1.0: no overhead at all).
-    A phase trained on cached features has no image step to compare (its step is the head's alone): None."""
+def step_over_floor(runs: dict[str, list[dict[str, Any]]], floors: list[dict[str, float]]) -> dict[str, Any]:
+    """Per phase: each tljob config's median training step over the bare model's step measured in the same round
+    (1.0: no overhead at all), the median over the rounds. A phase trained on cached features has no image step to
+    compare (its step is the head's alone): None."""
     out: dict[str, Any] = {}
-    for w in (w for w in median if w != "tutorial"):
+    for w in (w for w in runs if w != "tutorial"):
         out[w] = {}
         for phase in PHASES:
-            step = median[w]["phases"][phase]["step_ms_median"]
-            out[w][phase] = round(step / floor[phase], 3) if step and step > 0.2 * floor[phase] else None
+            pairs = [(r["phases"][phase]["step_ms_median"], f[phase]) for r, f in zip(runs[w], floors)]
+            image_steps = pairs and all(step and step > 0.2 * floor for step, floor in pairs)
+            out[w][phase] = round(statistics.median(s / f for s, f in pairs), 3) if image_steps else None
     return out
+
+
+def floor_summary(floors: list[dict[str, float]]) -> dict[str, float]:
+    """The floor's median per phase over the rounds."""
+    return {key: round(statistics.median(f[key] for f in floors), 1) for key in floors[0]}
 
 
 def peak_memory(results: dict[str, Any], data: Path, mode: Mode) -> dict[str, Any] | None:
@@ -335,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if "recipe" in sections or "costs" in sections:
             who = tuple(w for w in args.configs.split(",") if w)
             recipe = recipe_section(mode, data, weights, repeats, keep=work / "last-tljob-run", who=who,
-                                    first_seed=args.first_seed)
+                                    first_seed=args.first_seed, with_floor="floor" in sections and "recipe" in sections)
             for key in ("recipe_time_ratio", "fast_time_ratio"):
                 if key in recipe:
                     results[key] = recipe[key]
@@ -344,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             results["val_accuracy_spread"] = recipe["val_accuracy_spread"]
             results["recipe"] = recipe
         if "floor" in sections:
-            results["floor_step_ms"] = floor_section(mode, weights)
-            if "recipe" in results:
-                results["step_over_floor"] = step_over_floor(results["recipe"]["median"], results["floor_step_ms"])
+            floors = results["recipe"]["floors"] if "recipe" in sections else [floor_section(mode, weights)]
+            results["floor_step_ms"] = floor_summary(floors)
+            if "recipe" in sections:
+                results["step_over_floor"] = step_over_floor(results["recipe"]["runs"], floors)
         results["peak_memory_mb"] = peak_memory(results, data, mode)
         if "multiworker" in sections:
             results["multiworker"] = multiworker_section(mode, data, weights, work / "mw", repeats)

@@ -86,14 +86,21 @@ def test_spread_rounds_runs_as_the_median_is_rounded() -> None:
     assert run.spread([0.9, None]) == {"runs": [0.9, None]}
 
 
-def test_step_over_floor_leaves_out_phases_without_an_image_step() -> None:
-    median = {"tutorial": {}, "tljob": {"phases": {"feature_extraction": {"step_ms_median": 176.0},
-                                                   "fine_tuning": {"step_ms_median": 330.0}}},
-              "fast": {"phases": {"feature_extraction": {"step_ms_median": 3.1},
-                                  "fine_tuning": {"step_ms_median": 320.0}}}}
-    got = run.step_over_floor(median, {"feature_extraction": 160.0, "fine_tuning": 300.0})
+def steps(fe: float, ft: float) -> dict:
+    return {"phases": {"feature_extraction": {"step_ms_median": fe}, "fine_tuning": {"step_ms_median": ft}}}
+
+
+def test_step_over_floor_pairs_each_round_with_its_own_floor() -> None:
+    # Round 2 ran on a machine 1.5x slower throughout: against its own floor it is 1.1x, as round 1.
+    runs = {"tutorial": [{}, {}], "tljob": [steps(176.0, 330.0), steps(264.0, 495.0)],
+            "fast": [steps(3.1, 320.0), steps(3.0, 480.0)]}
+    floors = [{"feature_extraction": 160.0, "fine_tuning": 300.0, "predict": 100.0},
+              {"feature_extraction": 240.0, "fine_tuning": 450.0, "predict": 140.0}]
+    got = run.step_over_floor(runs, floors)
+    # A phase on cached features has no image step to compare.
     assert got == {"tljob": {"feature_extraction": 1.1, "fine_tuning": 1.1},
                    "fast": {"feature_extraction": None, "fine_tuning": pytest.approx(1.067, abs=1e-3)}}
+    assert run.floor_summary(floors) == {"feature_extraction": 200.0, "fine_tuning": 375.0, "predict": 120.0}
 
 
 @pytest.mark.multiworker
@@ -114,7 +121,7 @@ def test_quick_mode_writes_json_table_and_chart(tmp_path: Path) -> None:
     assert results["val_accuracy_spread"]["fast"]["runs"] == [results["val_accuracy"]["fast"]["fine_tuning"]]
     # The floor: the bare model's steps, and tljob's over them (the fast config's phase 1 steps on features).
     assert results["floor_step_ms"]["feature_extraction"] > 0 and results["floor_step_ms"]["fine_tuning"] > 0
-    assert results["step_over_floor"]["tljob"]["fine_tuning"] > 0
+    assert results["step_over_floor"]["tljob"]["fine_tuning"] > 0 and len(results["recipe"]["floors"]) == 1
     memory = results["peak_memory_mb"]
     assert memory["tljob"] > 0 and memory["tutorial_plus_cache_mb"] > memory["tutorial"]
     pipeline = results["pipeline"]
