@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if "recipe" in sections or "costs" in sections:
             who = tuple(w for w in args.configs.split(",") if w)
             recipe = recipe_section(mode, data, weights, repeats, keep=work / "last-tljob-run", who=who,
-                                    first_seed=args.first_seed, with_floor="floor" in sections and "recipe" in sections)
+                                    first_seed=args.first_seed, with_floor="floor" in sections)
             for key in ("recipe_time_ratio", "fast_time_ratio"):
                 if key in recipe:
                     results[key] = recipe[key]
@@ -357,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             results["val_accuracy_spread"] = recipe["val_accuracy_spread"]
             results["recipe"] = recipe
         if "floor" in sections:
-            floors = results["recipe"]["floors"] if "recipe" in sections else [floor_section(mode, weights)]
+            floors = results["recipe"]["floors"] if "recipe" in results else [floor_section(mode, weights)]
             results["floor_step_ms"] = floor_summary(floors)
-            if "recipe" in sections:
+            if "recipe" in results:
                 results["step_over_floor"] = step_over_floor(results["recipe"]["runs"], floors)
         results["peak_memory_mb"] = peak_memory(results, data, mode)
         if "multiworker" in sections:
